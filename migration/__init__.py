@@ -1,0 +1,1 @@
+"""Live migration: device-state save/restore, dirty tracking, pre-copy orchestration."""

@@ -1,0 +1,81 @@
+"""What a rule cites, how binding it is, and how a broken rule is reported.
+
+Every rule in the model carries a :class:`Citation`: a numbered section of the virtio
+specification (v1.3 numbering; rules that only v1.4 has are marked with ``version="1.4"``),
+or, where the spec is silent (the vhost ioctl interface is not part of virtio), the Linux
+source that defines the behaviour. A broken rule is reported as a :class:`Violation`
+that names the rule, its level and its citation, so every failure can be traced back to
+the sentence it enforces.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Union
+
+
+class Level(enum.Enum):
+    """How binding a rule is, in RFC 2119 terms as the virtio spec uses them."""
+
+    MUST = "MUST"
+    SHOULD = "SHOULD"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class Section:
+    """A numbered section of the virtio specification."""
+
+    number: str
+    title: str
+    version: str = "1.3"
+
+    def __str__(self) -> str:
+        return f"virtio v{self.version} §{self.number} {self.title}"
+
+    @property
+    def v14_only(self) -> bool:
+        return self.version == "1.4"
+
+
+@dataclass(frozen=True)
+class LinuxSource:
+    """Linux behaviour the model follows where the virtio spec says nothing.
+
+    The vhost and vhost-vdpa interfaces are defined by the kernel, not by virtio, so their
+    rules cite the UAPI header or the function of ``drivers/vhost/vdpa.c`` that defines them.
+    """
+
+    path: str
+    symbol: str
+
+    def __str__(self) -> str:
+        return f"Linux {self.path} {self.symbol}"
+
+
+Citation = Union[Section, LinuxSource]
+
+
+@dataclass(frozen=True)
+class Violation:
+    """One broken rule: which rule, how binding, where it is written, and what happened."""
+
+    rule: str
+    level: Level
+    citation: Citation
+    message: str
+
+    @property
+    def section(self) -> Citation:
+        """The citation; named ``section`` because most rules cite a spec section."""
+        return self.citation
+
+    def __str__(self) -> str:
+        return f"{self.level} {self.rule}: {self.message} [{self.citation}]"
+
+
+class SpecError(Exception):
+    """Base of the model's own typed errors (misuse of the model, not device outcomes)."""

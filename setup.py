@@ -1,0 +1,87 @@
+"""Build glue: map the product folders into one ``vdpacert`` package and compile ``impl/``.
+
+The repository keeps each product part in a top-level folder (``model/``, ``impl/``,
+``conformance/``, ``migration/``) and the small root package (CLI, version, UAPI constants)
+in ``src/vdpacert``. ``package_dir`` maps them all under ``vdpacert``, so nothing is ever
+installed as a top-level ``model`` or ``impl`` module.
+
+Cython needs to see that layout too, to resolve ``cimport vdpacert.impl.x`` against the
+``.pxd`` files: a staging include tree ``build/cython-include/vdpacert/impl`` holds copies of
+them under their package path.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from setuptools import Extension, find_packages, setup
+
+ROOT = Path(__file__).parent.resolve()
+
+#: package name -> folder, relative to the project root (setuptools wants relative paths).
+PACKAGE_DIRS = {
+    "vdpacert": "src/vdpacert",
+    "vdpacert.model": "model",
+    "vdpacert.impl": "impl",
+    "vdpacert.conformance": "conformance",
+    "vdpacert.migration": "migration",
+}
+
+
+def packages() -> list[str]:
+    found = []
+    for package, folder in PACKAGE_DIRS.items():
+        found.append(package)
+        found += [f"{package}.{sub}" for sub in find_packages(str(ROOT / folder))]
+    return sorted(set(found))
+
+
+def cython_include_tree() -> Path:
+    """Copy impl/*.pxd under vdpacert/impl/ so Cython resolves package-qualified cimports."""
+    staging = ROOT / "build" / "cython-include"
+    target = staging / "vdpacert" / "impl"
+    if target.exists():
+        shutil.rmtree(target)
+    target.mkdir(parents=True)
+    (staging / "vdpacert" / "__init__.pxd").touch()
+    (target / "__init__.pxd").touch()
+    for pxd in (ROOT / "impl").glob("*.pxd"):
+        shutil.copy2(pxd, target / pxd.name)
+    return staging
+
+
+def extensions() -> list[Extension]:
+    from Cython.Build import cythonize
+
+    sanitize = os.environ.get("VDPACERT_SANITIZE", "")
+    compile_args = ["-O2", "-fno-strict-aliasing"]
+    link_args: list[str] = []
+    if sanitize:
+        flags = [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-g"]
+        compile_args = ["-O1", *flags]
+        link_args = flags
+    modules = [
+        Extension(
+            f"vdpacert.impl.{pyx.stem}",
+            [f"impl/{pyx.name}"],
+            extra_compile_args=compile_args,
+            extra_link_args=link_args,
+        )
+        for pyx in sorted((ROOT / "impl").glob("*.pyx"))
+    ]
+    return cythonize(
+        modules,
+        include_path=[str(cython_include_tree())],
+        compiler_directives={"language_level": "3", "boundscheck": False, "wraparound": False},
+        build_dir="build/cython",
+    )
+
+
+setup(
+    package_dir=PACKAGE_DIRS,
+    packages=packages(),
+    package_data={"vdpacert": ["py.typed"], "vdpacert.impl": ["*.pxd"]},
+    ext_modules=extensions(),
+)

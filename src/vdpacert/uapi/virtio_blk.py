@@ -1,0 +1,54 @@
+"""virtio-blk feature bits, config layout and request types (``virtio_blk.h``)."""
+
+from typing import Final
+
+VIRTIO_BLK_F_SIZE_MAX: Final = 1
+VIRTIO_BLK_F_SEG_MAX: Final = 2
+VIRTIO_BLK_F_GEOMETRY: Final = 4
+VIRTIO_BLK_F_RO: Final = 5
+VIRTIO_BLK_F_BLK_SIZE: Final = 6
+VIRTIO_BLK_F_FLUSH: Final = 9
+VIRTIO_BLK_F_TOPOLOGY: Final = 10
+VIRTIO_BLK_F_CONFIG_WCE: Final = 11
+VIRTIO_BLK_F_MQ: Final = 12
+VIRTIO_BLK_F_DISCARD: Final = 13
+VIRTIO_BLK_F_WRITE_ZEROES: Final = 14
+VIRTIO_BLK_F_LIFETIME: Final = 15
+VIRTIO_BLK_F_SECURE_ERASE: Final = 16
+VIRTIO_BLK_F_ZONED: Final = 17
+
+# struct virtio_blk_config field offsets.
+VIRTIO_BLK_CONFIG_CAPACITY: Final = 0
+VIRTIO_BLK_CONFIG_SIZE_MAX: Final = 8
+VIRTIO_BLK_CONFIG_SEG_MAX: Final = 12
+VIRTIO_BLK_CONFIG_GEOMETRY: Final = 16
+VIRTIO_BLK_CONFIG_BLK_SIZE: Final = 20
+VIRTIO_BLK_CONFIG_TOPOLOGY: Final = 24
+VIRTIO_BLK_CONFIG_WRITEBACK: Final = 32
+VIRTIO_BLK_CONFIG_NUM_QUEUES: Final = 34
+VIRTIO_BLK_CONFIG_MAX_DISCARD_SECTORS: Final = 36
+VIRTIO_BLK_CONFIG_MAX_DISCARD_SEG: Final = 40
+VIRTIO_BLK_CONFIG_DISCARD_SECTOR_ALIGNMENT: Final = 44
+VIRTIO_BLK_CONFIG_MAX_WRITE_ZEROES_SECTORS: Final = 48
+VIRTIO_BLK_CONFIG_MAX_WRITE_ZEROES_SEG: Final = 52
+VIRTIO_BLK_CONFIG_WRITE_ZEROES_MAY_UNMAP: Final = 56
+VIRTIO_BLK_CONFIG_SIZE: Final = 96
+
+# Request types (struct virtio_blk_outhdr.type).
+VIRTIO_BLK_T_IN: Final = 0
+VIRTIO_BLK_T_OUT: Final = 1
+VIRTIO_BLK_T_FLUSH: Final = 4
+VIRTIO_BLK_T_GET_ID: Final = 8
+VIRTIO_BLK_T_DISCARD: Final = 11
+VIRTIO_BLK_T_WRITE_ZEROES: Final = 13
+
+# Request status (the last byte the device writes).
+VIRTIO_BLK_S_OK: Final = 0
+VIRTIO_BLK_S_IOERR: Final = 1
+VIRTIO_BLK_S_UNSUPP: Final = 2
+
+VIRTIO_BLK_ID_BYTES: Final = 20
+VIRTIO_BLK_SECTOR_SIZE: Final = 512  # capacity and sector numbers count 512-byte units
+VIRTIO_BLK_OUTHDR_SIZE: Final = 16  # struct virtio_blk_outhdr { le32 type; le32 ioprio; le64 sector; }
+VIRTIO_BLK_DISCARD_WZ_SEG_SIZE: Final = 16  # struct virtio_blk_discard_write_zeroes
+VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP: Final = 1

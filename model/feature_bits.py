@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Final
 
+from vdpacert.uapi import vhost_types
 from vdpacert.uapi import virtio_blk as blk
 from vdpacert.uapi import virtio_config as cfg
 from vdpacert.uapi import virtio_net as net
 from vdpacert.uapi import virtio_ring as ring
-from vdpacert.uapi import vhost_types
 from vdpacert.uapi.virtio_ids import VIRTIO_ID_BLOCK, VIRTIO_ID_NET
 
 from . import sections
@@ -66,6 +66,10 @@ TRANSPORT_FEATURES: Final[tuple[FeatureBit, ...]] = (
         ("RING_RESET", cfg.VIRTIO_F_RING_RESET, "individual virtqueue reset"),
         ("ADMIN_VQ", cfg.VIRTIO_F_ADMIN_VQ, "administration virtqueue"),
     )),
+    FeatureBit("NOTIFY_ON_EMPTY", cfg.VIRTIO_F_NOTIFY_ON_EMPTY, "VIRTIO_F_NOTIFY_ON_EMPTY",
+               "legacy: notify when the available ring runs empty", sections.RESERVED_FEATURES_LEGACY),
+    FeatureBit("ANY_LAYOUT", cfg.VIRTIO_F_ANY_LAYOUT, "VIRTIO_F_ANY_LAYOUT",
+               "legacy: no assumption about message framing", sections.RESERVED_FEATURES_LEGACY),
     FeatureBit("SUSPEND", cfg.VIRTIO_F_SUSPEND, "VIRTIO_F_SUSPEND",
                "driver may suspend the device with the SUSPEND status bit", _V14_FEATURES),
 )

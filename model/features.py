@@ -38,10 +38,10 @@ from .spec import Level, Section, Violation
 
 __all__ = [
     "DEVICE_NAMES",
+    "VERSION_1_RULE",
     "Dependency",
     "FeatureBit",
     "UnknownFeature",
-    "VERSION_1_RULE",
     "bit_of",
     "dependency_rules",
     "feature_table",

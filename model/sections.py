@@ -103,6 +103,7 @@ BLK_OPERATION_DEVICE: Final = Section("5.2.6.2", "Block Device: Device Requireme
 RESERVED_FEATURES: Final = Section("6", "Reserved Feature Bits")
 RESERVED_FEATURES_DRIVER: Final = Section("6.1", "Driver Requirements: Reserved Feature Bits")
 RESERVED_FEATURES_DEVICE: Final = Section("6.2", "Device Requirements: Reserved Feature Bits")
+RESERVED_FEATURES_LEGACY: Final = Section("6.3", "Legacy Interface: Reserved Feature Bits")
 
 # virtio v1.4 additions.
 SUSPEND_STATUS: Final = Section("2.1", "Device Status Field: SUSPEND", version="1.4")

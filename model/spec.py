@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Union
 
 
 class Level(enum.Enum):
@@ -56,7 +55,7 @@ class LinuxSource:
         return f"Linux {self.path} {self.symbol}"
 
 
-Citation = Union[Section, LinuxSource]
+Citation = Section | LinuxSource
 
 
 @dataclass(frozen=True)
@@ -79,3 +78,18 @@ class Violation:
 
 class SpecError(Exception):
     """Base of the model's own typed errors (misuse of the model, not device outcomes)."""
+
+
+class ModelErrno(SpecError):
+    """The error a conforming device or interface must answer with, and the rule behind it.
+
+    The model raises this where the target must fail an operation; the conformance suite
+    compares ``errno`` with the ``OSError.errno`` the target gave.
+    """
+
+    def __init__(self, errno: int, rule: str, citation: Citation, message: str) -> None:
+        super().__init__(f"errno {errno} ({rule}): {message} [{citation}]")
+        self.errno = errno
+        self.rule = rule
+        self.citation = citation
+        self.message = message

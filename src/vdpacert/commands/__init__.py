@@ -1,0 +1,1 @@
+"""Subcommands of the ``vdpacert`` CLI, one module each."""

@@ -102,7 +102,6 @@ NET_FEATURES: Final[tuple[FeatureBit, ...]] = _bits("VIRTIO_NET_F_", sections.NE
     ("GUEST_ANNOUNCE", net.VIRTIO_NET_F_GUEST_ANNOUNCE, "driver can send gratuitous packets"),
     ("MQ", net.VIRTIO_NET_F_MQ, "multiqueue with automatic receive steering"),
     ("CTRL_MAC_ADDR", net.VIRTIO_NET_F_CTRL_MAC_ADDR, "set MAC address through control channel"),
-    ("DEVICE_STATS", net.VIRTIO_NET_F_DEVICE_STATS, "device statistics over the control channel"),
     ("HASH_TUNNEL", net.VIRTIO_NET_F_HASH_TUNNEL, "hash over inner headers of tunnelled packets"),
     ("VQ_NOTF_COAL", net.VIRTIO_NET_F_VQ_NOTF_COAL, "per-virtqueue notification coalescing"),
     ("NOTF_COAL", net.VIRTIO_NET_F_NOTF_COAL, "notification coalescing"),
@@ -116,6 +115,7 @@ NET_FEATURES: Final[tuple[FeatureBit, ...]] = _bits("VIRTIO_NET_F_", sections.NE
     ("STANDBY", net.VIRTIO_NET_F_STANDBY, "standby for a primary device with the same MAC"),
     ("SPEED_DUPLEX", net.VIRTIO_NET_F_SPEED_DUPLEX, "device reports speed and duplex"),
 )) + _bits("VIRTIO_NET_F_", sections.NET_FEATURE_REQUIREMENTS_V14, (
+    ("DEVICE_STATS", net.VIRTIO_NET_F_DEVICE_STATS, "device statistics over the control channel"),
     ("RSS_CONTEXT", net.VIRTIO_NET_F_RSS_CONTEXT, "multiple RSS contexts"),
     ("GUEST_UDP_TUNNEL_GSO", net.VIRTIO_NET_F_GUEST_UDP_TUNNEL_GSO, "driver receives GSO over UDP tunnels"),
     ("GUEST_UDP_TUNNEL_GSO_CSUM", net.VIRTIO_NET_F_GUEST_UDP_TUNNEL_GSO_CSUM,

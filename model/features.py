@@ -70,6 +70,15 @@ class Dependency:
     requires: tuple[tuple[str, ...], ...]
     level: Level
     section: Section
+    device_section: Section | None = None  # where the device-side (offer) rule is written, if elsewhere
+
+    @property
+    def citation(self) -> Section:
+        return self.section
+
+    @property
+    def offer_citation(self) -> Section:
+        return self.device_section or self.section
 
     def missing(self, device_id: int, features: int) -> list[tuple[str, ...]]:
         """The groups left unsatisfied by ``features`` (empty when the rule holds)."""
@@ -82,9 +91,10 @@ class Dependency:
 
 
 def _requires(prefix: str, feature: str, *groups: tuple[str, ...] | str,
-              level: Level = Level.MUST, section: Section = sections.NET_FEATURE_REQUIREMENTS) -> Dependency:
+              level: Level = Level.MUST, section: Section = sections.NET_FEATURE_REQUIREMENTS,
+              device_section: Section | None = None) -> Dependency:
     normalized = tuple((group,) if isinstance(group, str) else group for group in groups)
-    return Dependency(f"{prefix}.{feature}.requires", feature, normalized, level, section)
+    return Dependency(f"{prefix}.{feature}.requires", feature, normalized, level, section, device_section)
 
 
 _V14 = sections.NET_FEATURE_REQUIREMENTS_V14
@@ -112,8 +122,12 @@ NET_DEPENDENCIES: Final[tuple[Dependency, ...]] = (
     _requires("net", "RSC_EXT", ("HOST_TSO4", "HOST_TSO6")),
     _requires("net", "RSS", "CTRL_VQ"),
     _requires("net", "HASH_TUNNEL", "CTRL_VQ", ("RSS", "HASH_REPORT")),
-    _requires("net", "HASH_REPORT", "CTRL_VQ", level=Level.SHOULD),
-    _requires("net", "CTRL_RX_EXTRA", "CTRL_VQ", level=Level.SHOULD),
+    # Added in v1.3 as recommendations only (v1.2 shipped without them), in the config-layout
+    # requirements rather than in the 5.1.3.1 list.
+    _requires("net", "HASH_REPORT", "CTRL_VQ", level=Level.SHOULD,
+              section=sections.NET_CONFIG_DRIVER, device_section=sections.NET_CONFIG_DEVICE),
+    _requires("net", "CTRL_RX_EXTRA", "CTRL_VQ", level=Level.SHOULD,
+              section=sections.NET_CONFIG_DRIVER, device_section=sections.NET_CONFIG_DEVICE),
     _requires("net", "RSS_CONTEXT", "CTRL_VQ", "RSS", section=_V14),
     _requires("net", "GUEST_UDP_TUNNEL_GSO", "GUEST_TSO4", "GUEST_TSO6", "GUEST_USO4", "GUEST_USO6",
               section=_V14),
@@ -144,7 +158,7 @@ def _dependency_violations(device_id: int, features: int, side: str) -> list[Vio
         for group in dep.missing(device_id, features):
             needed = " or ".join(group)
             found.append(Violation(
-                dep.rule, dep.level, dep.section,
+                dep.rule, dep.level, dep.offer_citation if side == "offers" else dep.citation,
                 f"{side} {dep.feature} (bit {bit_of(device_id, dep.feature)}) without {needed}",
             ))
     return found

@@ -83,13 +83,16 @@ NET_CONFIG: Final = Section("5.1.4", "Network Device: Device configuration layou
 NET_CONFIG_DEVICE: Final = Section(
     "5.1.4.1", "Network Device: Device Requirements: Device configuration layout"
 )
+NET_CONFIG_DRIVER: Final = Section(
+    "5.1.4.2", "Network Device: Driver Requirements: Device configuration layout"
+)
 NET_OPERATION: Final = Section("5.1.6", "Network Device: Device Operation")
 NET_TRANSMIT: Final = Section("5.1.6.2", "Network Device: Packet Transmission")
 NET_RECEIVE: Final = Section("5.1.6.4", "Network Device: Processing of Incoming Packets")
 NET_CONTROL_VQ: Final = Section("5.1.6.5", "Network Device: Control Virtqueue")
 NET_CTRL_RX: Final = Section("5.1.6.5.1", "Network Device: Packet Receive Filtering")
 NET_CTRL_MAC: Final = Section("5.1.6.5.2", "Network Device: Setting MAC Address Filtering")
-NET_CTRL_MQ: Final = Section("5.1.6.5.5", "Network Device: Device operation in multiqueue mode")
+NET_CTRL_MQ: Final = Section("5.1.6.5.6", "Network Device: Automatic receive steering in multiqueue mode")
 NET_FEATURE_REQUIREMENTS_V14: Final = Section(
     "5.1.3.1", "Network Device: Feature bit requirements", version="1.4"
 )

@@ -57,6 +57,10 @@ def test_should_level_rules(feature: str) -> None:
     found = features.violations(NET, V1 | mask_of(NET, feature))
     assert [(v.rule, v.level) for v in found] == [(f"net.{feature}.requires", Level.SHOULD)]
     assert features.is_valid(NET, V1 | mask_of(NET, feature))
+    # v1.3 states these two in the config-layout requirements: the driver's in 5.1.4.2, the device's in 5.1.4.1.
+    assert isinstance(found[0].citation, Section) and found[0].citation.number == "5.1.4.2"
+    (offer,) = features.offer_violations(NET, V1 | mask_of(NET, feature))
+    assert isinstance(offer.citation, Section) and offer.citation.number == "5.1.4.1"
 
 
 def test_v14_rules_past_bit_63_are_marked_and_enforced() -> None:

@@ -34,7 +34,7 @@ from .feature_bits import (
     names_of,
     parse_features,
 )
-from .spec import Level, Section, Violation
+from .spec import Level, Rule, Section, Violation
 
 __all__ = [
     "DEVICE_NAMES",
@@ -141,10 +141,19 @@ _DEPENDENCIES: Final[Mapping[int, tuple[Dependency, ...]]] = MappingProxyType({
     VIRTIO_ID_BLOCK: (),  # section 5.2.3 defines no bit that requires another
 })
 
-#: Rule ids of the rules that are not dependency rows.
-VERSION_1_RULE: Final = "features.VERSION_1.accepted"
-VERSION_1_OFFER_RULE: Final = "features.VERSION_1.offered"
-SUBSET_RULE: Final = "features.subset_of_offered"
+#: The rules that are not dependency rows.
+VERSION_1_ACCEPTED: Final = Rule(
+    "features.VERSION_1.accepted", Level.MUST, sections.RESERVED_FEATURES_DRIVER,
+    "a modern device offers VERSION_1 and the driver must accept it")
+VERSION_1_OFFERED: Final = Rule(
+    "features.VERSION_1.offered", Level.MUST, sections.RESERVED_FEATURES_DEVICE,
+    "the device must offer VERSION_1")
+SUBSET_OF_OFFERED: Final = Rule(
+    "features.subset_of_offered", Level.MUST, sections.FEATURE_BITS_DRIVER,
+    "the driver must not accept a feature the device did not offer")
+VERSION_1_RULE: Final = VERSION_1_ACCEPTED.rule
+VERSION_1_OFFER_RULE: Final = VERSION_1_OFFERED.rule
+SUBSET_RULE: Final = SUBSET_OF_OFFERED.rule
 
 
 def dependency_rules(device_id: int) -> tuple[Dependency, ...]:
@@ -175,16 +184,10 @@ def violations(device_id: int, features: int, *, offered: int | None = None) -> 
         raise ValueError("a feature word is never negative")
     found = _dependency_violations(device_id, features, "accepts")
     if not features >> VIRTIO_F_VERSION_1 & 1:
-        found.append(Violation(
-            VERSION_1_RULE, Level.MUST, sections.RESERVED_FEATURES_DRIVER,
-            "VERSION_1 (bit 32) not accepted: a modern device offers it and the driver must accept it",
-        ))
+        found.append(VERSION_1_ACCEPTED.violation("VERSION_1 (bit 32) not accepted"))
     if offered is not None and features & ~offered:
         extra = ", ".join(names_of(device_id, features & ~offered))
-        found.append(Violation(
-            SUBSET_RULE, Level.MUST, sections.FEATURE_BITS_DRIVER,
-            f"accepts features the device did not offer: {extra}",
-        ))
+        found.append(SUBSET_OF_OFFERED.violation(f"accepts {extra}"))
     return found
 
 
@@ -194,11 +197,19 @@ def offer_violations(device_id: int, offered: int) -> list[Violation]:
         raise ValueError("a feature word is never negative")
     found = _dependency_violations(device_id, offered, "offers")
     if not offered >> VIRTIO_F_VERSION_1 & 1:
-        found.append(Violation(
-            VERSION_1_OFFER_RULE, Level.MUST, sections.RESERVED_FEATURES_DEVICE,
-            "VERSION_1 (bit 32) not offered",
-        ))
+        found.append(VERSION_1_OFFERED.violation("VERSION_1 (bit 32) not offered"))
     return found
+
+
+def all_rules() -> tuple[Dependency | Rule, ...]:
+    """Every feature rule of every device type the model knows."""
+    rows: list[Dependency | Rule] = [VERSION_1_ACCEPTED, VERSION_1_OFFERED, SUBSET_OF_OFFERED]
+    for device_rows in _DEPENDENCIES.values():
+        rows += device_rows
+    return tuple(rows)
+
+
+RULES: Final = all_rules()
 
 
 def has_must_violation(found: list[Violation]) -> bool:

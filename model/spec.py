@@ -76,6 +76,23 @@ class Violation:
         return f"{self.level} {self.rule}: {self.message} [{self.citation}]"
 
 
+@dataclass(frozen=True)
+class Rule:
+    """A rule that is not a table row of its own kind: id, level, citation and our summary of it.
+
+    Rule ids are stable (reports and target quirks refer to them), dotted, and start with the
+    area they belong to: ``status.driver.init_order``, ``features.VERSION_1.accepted``.
+    """
+
+    rule: str
+    level: Level
+    citation: Citation
+    summary: str
+
+    def violation(self, detail: str) -> Violation:
+        return Violation(self.rule, self.level, self.citation, f"{self.summary}: {detail}")
+
+
 class SpecError(Exception):
     """Base of the model's own typed errors (misuse of the model, not device outcomes)."""
 

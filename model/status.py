@@ -27,7 +27,7 @@ from typing import Final
 from vdpacert.uapi import virtio_config as cfg
 
 from . import sections
-from .spec import Citation, Level, Violation
+from .spec import Level, Rule, Violation
 
 
 class StatusBit(enum.IntFlag):
@@ -92,17 +92,8 @@ DRIVER_STEPS: Final[Mapping[tuple[Phase, Step], Phase]] = MappingProxyType({
 })
 
 
-@dataclass(frozen=True)
-class StatusRule:
-    """A rule about status writes: id, level, citation, and what it says in our words."""
-
-    rule: str
-    level: Level
-    citation: Citation
-    summary: str
-
-    def violation(self, detail: str) -> Violation:
-        return Violation(self.rule, self.level, self.citation, f"{self.summary}: {detail}")
+#: Status rules are plain :class:`~vdpacert.model.spec.Rule` rows.
+StatusRule = Rule
 
 
 # Driver-side rules: a write that breaks one is the driver's fault.
@@ -140,6 +131,7 @@ DRIVER_RULES: Final = (DRIVER_NEVER_CLEARS, DRIVER_FOLLOWS_INIT_ORDER, DRIVER_NO
                        DRIVER_RESETS_AFTER_FAILED, DRIVER_SUSPEND_NEEDS_FEATURE)
 DEVICE_RULES: Final = (DEVICE_REFUSES_INVALID_FEATURES, DEVICE_ACCEPTS_VALID_FEATURES, DEVICE_RESET_CLEARS,
                        DEVICE_NEEDS_RESET_STICKS)
+RULES: Final = DRIVER_RULES + DEVICE_RULES
 
 
 def phase_of(status: int) -> Phase:

@@ -30,7 +30,7 @@ from vdpacert.uapi.virtio_ring import (
 
 from . import sections
 from .guest_memory import AccessFault, FaultReason, ModelMemory, Translator
-from .spec import Citation, Level, Section, SpecError, Violation
+from .spec import Citation, Level, Rule, Section, SpecError, Violation
 
 # The total length of a chain may reach, but not pass, 2^32 bytes (§2.7.5.2).
 MAX_CHAIN_BYTES: Final = 1 << 32
@@ -76,27 +76,21 @@ class Reaction(enum.Enum):
     LIMIT_CHAIN = "refuse chains above a device limit on descriptors per chain"
 
 
-@dataclass(frozen=True)
-class Obligation:
-    """A rule that holds on every bad input, whatever the device chooses to do."""
+#: Rules that hold on every bad input, whatever the device chooses to do.
+Obligation = Rule
 
-    rule: str
-    level: Level
-    citation: Citation
-
-
-DEVICE_OBLIGATIONS: Final[tuple[Obligation, ...]] = (
-    Obligation("the device must not write to a device-readable buffer", Level.MUST,
-               sections.SPLIT_DESC_TABLE_DEVICE),
-    Obligation("the device must not write to a device-readable buffer (packed)", Level.MUST,
-               sections.PACKED_DESC_TABLE_DEVICE),
-    Obligation("the device writes only device-writable buffers of chains it consumed, the used ring "
-               "entry, used idx and avail_event (model rule: anything else is memory it was not given)",
-               Level.MUST, sections.SPLIT_USED_RING_DEVICE),
-    Obligation("a chain found bad is not used as if valid: no used entry claims bytes written into it",
-               Level.MUST, sections.SPLIT_USED_RING_DEVICE),
-    Obligation("a device that has to be reset to recover SHOULD set DEVICE_NEEDS_RESET", Level.SHOULD,
-               sections.DEVICE_STATUS_DEVICE),
+DEVICE_OBLIGATIONS: Final[tuple[Rule, ...]] = (
+    Rule("ring.split.device.no_write_readable", Level.MUST, sections.SPLIT_DESC_TABLE_DEVICE,
+         "the device must not write to a device-readable buffer"),
+    Rule("ring.packed.device.no_write_readable", Level.MUST, sections.PACKED_DESC_TABLE_DEVICE,
+         "the device must not write to a device-readable buffer (packed)"),
+    Rule("ring.device.writes_only_given_memory", Level.MUST, sections.SPLIT_USED_RING_DEVICE,
+         "the device writes only device-writable buffers of chains it consumed, the used ring entry, used idx "
+         "and avail_event (anything else is memory it was not given)"),
+    Rule("ring.device.bad_chain_not_used", Level.MUST, sections.SPLIT_USED_RING_DEVICE,
+         "a chain found bad is not used as if valid: no used entry claims bytes written into it"),
+    Rule("ring.device.needs_reset_on_error", Level.SHOULD, sections.DEVICE_STATUS_DEVICE,
+         "a device that has to be reset to recover should set DEVICE_NEEDS_RESET"),
 )
 
 
@@ -105,11 +99,16 @@ class BadInputRule:
     """One row of the bad-input table: the driver rule broken and the device's freedom."""
 
     bad: BadInput
-    rule: str
+    summary: str
     level: Level
     citations: tuple[Citation, ...]
     layouts: frozenset[Layout]
     device_may: tuple[Reaction, ...]
+
+    @property
+    def rule(self) -> str:
+        """The stable id: ``ring.bad_input.<class>``."""
+        return f"ring.bad_input.{self.bad.name.lower()}"
 
     @property
     def citation(self) -> Citation:
@@ -181,11 +180,11 @@ class ChainFault:
     access: AccessFault | None = None
 
     @property
-    def rule(self) -> BadInputRule:
+    def row(self) -> BadInputRule:
         return BAD_INPUTS[self.bad]
 
     def __str__(self) -> str:
-        row = self.rule
+        row = self.row
         return f"{self.bad.value}: {self.detail} [{row.level} {row.citation}]"
 
 

@@ -91,7 +91,7 @@ class NotifyRule:
         else:
             return None
         basis = "" if self.normative else " (level by analogy with the split ring; §2.8.10 states none)"
-        rule = f"{self.layout.value} {self.direction.name.lower()} notification"
+        rule = f"notify.{self.layout.value}.{self.direction.name.lower()}.{self.case.name.lower()}"
         return Violation(rule, self.level, self.citation, f"{what}: {self.case.value}{basis}")
 
 

@@ -68,13 +68,13 @@ def packed_ring_violations(num: int, desc: int, driver: int, device: int) -> lis
     of 2), descriptor ring 16-aligned, both event suppression structures 4-aligned."""
     found: list[Violation] = []
     if not 1 <= num <= VIRTQUEUE_MAX_SIZE:
-        found.append(Violation("packed queue size", Level.MUST, sections.PACKED_VIRTQUEUES,
+        found.append(Violation("ring.packed.queue_size", Level.MUST, sections.PACKED_VIRTQUEUES,
                                f"queue size {num} is not in 1..{VIRTQUEUE_MAX_SIZE}"))
     for name, addr, align in (("descriptor ring", desc, VRING_DESC_ALIGN_SIZE),
                               ("driver event suppression", driver, EVENT_SUPPRESS_ALIGN),
                               ("device event suppression", device, EVENT_SUPPRESS_ALIGN)):
         if addr % align:
-            found.append(Violation(f"packed {name} alignment", Level.MUST, PACKED_DRIVER,
+            found.append(Violation(f"ring.packed.{name.replace(' ', '_')}.alignment", Level.MUST, PACKED_DRIVER,
                                    f"{name} at {addr:#x} is not {align}-byte aligned"))
     return found
 
@@ -360,13 +360,13 @@ class PackedDeviceModel:
         for buffer_id, written in items:
             chain = next((c for c in remaining if c.id == buffer_id), None)
             if chain is None:
-                raise DeviceRuleBroken(Violation("packed used descriptor", Level.MUST, sections.PACKED_DEVICE,
+                raise DeviceRuleBroken(Violation("ring.packed.device.used_descriptor", Level.MUST, sections.PACKED_DEVICE,
                                                  f"Buffer ID {buffer_id} is not a list the device holds"))
             if not 0 <= written <= chain.writable_len:
-                raise DeviceRuleBroken(Violation("packed used length", Level.MUST, sections.PACKED_DESC_TABLE_DEVICE,
+                raise DeviceRuleBroken(Violation("ring.packed.device.used_length", Level.MUST, sections.PACKED_DESC_TABLE_DEVICE,
                                                  f"len {written} exceeds {chain.writable_len} writable bytes"))
             if self.in_order and remaining[0] is not chain:
-                raise DeviceRuleBroken(Violation("packed in-order use", Level.MUST, sections.PACKED_IN_ORDER,
+                raise DeviceRuleBroken(Violation("ring.packed.device.in_order", Level.MUST, sections.PACKED_IN_ORDER,
                                                  f"Buffer ID {buffer_id} used before {remaining[0].id}"))
             remaining.remove(chain)
         old = RingPosition(self.state.last_used_idx, self.state.last_used_counter)
@@ -401,7 +401,7 @@ class PackedDeviceModel:
     def set_device_event(self, event: EventSuppress) -> ChainFault | None:
         """Write the device event suppression structure (DESC needs EVENT_IDX, §2.8.10)."""
         if event.flags & 0x3 == 0x2 and not self.event_idx:
-            raise DeviceRuleBroken(Violation("packed device event flags", Level.MUST,
+            raise DeviceRuleBroken(Violation("ring.packed.device.event_flags", Level.MUST,
                                              sections.PACKED_EVENT_SUPPRESSION,
                                              "RING_EVENT_FLAGS_DESC is only valid with VIRTIO_F_EVENT_IDX"))
         return (self._io.write(self.ring.device, 2, event.off_wrap, "device event off_wrap")

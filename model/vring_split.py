@@ -56,13 +56,13 @@ def split_ring_violations(num: int, desc: int, avail: int, used: int) -> list[Vi
     """The layout rules of §2.7 and §2.7.1 a split ring description breaks (empty if none)."""
     found: list[Violation] = []
     if not 1 <= num <= VIRTQUEUE_MAX_SIZE or num & (num - 1):
-        found.append(Violation("split queue size", Level.MUST, sections.SPLIT_VIRTQUEUES,
+        found.append(Violation("ring.split.queue_size", Level.MUST, sections.SPLIT_VIRTQUEUES,
                                f"queue size {num} is not a power of 2 in 1..{VIRTQUEUE_MAX_SIZE}"))
     for name, addr, align in (("descriptor table", desc, VRING_DESC_ALIGN_SIZE),
                               ("available ring", avail, VRING_AVAIL_ALIGN_SIZE),
                               ("used ring", used, VRING_USED_ALIGN_SIZE)):
         if addr % align:
-            found.append(Violation(f"split {name} alignment", Level.MUST, sections.SPLIT_DRIVER,
+            found.append(Violation(f"ring.split.{name.replace(' ', '_')}.alignment", Level.MUST, sections.SPLIT_DRIVER,
                                    f"{name} at {addr:#x} is not {align}-byte aligned"))
     return found
 
@@ -371,7 +371,7 @@ class SplitDeviceModel:
         return any(r.covers(iova, length) for r in self.may_write())
 
     def _broken(self, message: str, level: Level = Level.MUST) -> DeviceRuleBroken:
-        return DeviceRuleBroken(Violation("split used ring", level, sections.SPLIT_USED_RING_DEVICE, message))
+        return DeviceRuleBroken(Violation("ring.split.device.used_ring", level, sections.SPLIT_USED_RING_DEVICE, message))
 
     def complete(self, head: int, written: int) -> NotifyRule | ChainFault:
         return self.complete_batch([(head, written)])
@@ -392,7 +392,7 @@ class SplitDeviceModel:
             if not 0 <= written <= chain.writable_len:
                 raise self._broken(f"len {written} for chain {head} exceeds its {chain.writable_len} writable bytes")
             if self.in_order and remaining[0] is not chain:
-                raise DeviceRuleBroken(Violation("split in-order use", Level.MUST, sections.SPLIT_IN_ORDER,
+                raise DeviceRuleBroken(Violation("ring.split.device.in_order", Level.MUST, sections.SPLIT_IN_ORDER,
                                                  f"chain {head} used before chain {remaining[0].head}"))
             remaining.remove(chain)
         old = self.used_idx
@@ -424,14 +424,14 @@ class SplitDeviceModel:
     def set_avail_event(self, value: int) -> ChainFault | None:
         """Ask for a kick once avail ``idx`` passes ``value`` (EVENT_IDX only, §2.7.10.2)."""
         if not self.event_idx:
-            raise DeviceRuleBroken(Violation("split avail_event", Level.MUST, sections.SPLIT_AVAIL_SUPPRESSION,
+            raise DeviceRuleBroken(Violation("ring.split.device.avail_event", Level.MUST, sections.SPLIT_AVAIL_SUPPRESSION,
                                              "avail_event is only written with VIRTIO_F_EVENT_IDX"))
         return self._io.write(self.ring.avail_event, 2, u16(value), "avail_event")
 
     def set_no_notify(self, suppress: bool) -> ChainFault | None:
         """VRING_USED_F_NO_NOTIFY; with EVENT_IDX the device MUST keep flags 0 (§2.7.10.2)."""
         if suppress and self.event_idx:
-            raise DeviceRuleBroken(Violation("split used flags", Level.MUST, sections.SPLIT_AVAIL_SUPPRESSION,
+            raise DeviceRuleBroken(Violation("ring.split.device.used_flags", Level.MUST, sections.SPLIT_AVAIL_SUPPRESSION,
                                              "with VIRTIO_F_EVENT_IDX the device MUST set used flags to 0"))
         return self._io.write(self.ring.used_flags, 2, int(suppress), "used.flags")
 

@@ -101,7 +101,7 @@ def test_every_bad_input_has_a_cited_row_that_allows_stopping_the_queue() -> Non
         assert row.layouts
     assert BAD_INPUTS[BadInput.INDEX_OUT_OF_RANGE].layouts == {Layout.SPLIT}
     assert BAD_INPUTS[BadInput.DESC_NOT_AVAILABLE].layouts == {Layout.PACKED}
-    assert any(o.level is Level.MUST and "device-readable" in o.rule for o in DEVICE_OBLIGATIONS)
+    assert any(o.level is Level.MUST and "device-readable" in o.summary for o in DEVICE_OBLIGATIONS)
 
 
 # --- every class detected ----------------------------------------------------------------------
@@ -257,7 +257,7 @@ def test_each_bad_input_is_detected_as_its_class(
     result = build(ModelMemory())
     assert isinstance(result, ChainFault), result
     assert result.bad is bad, str(result)
-    assert result.rule is BAD_INPUTS[bad] and str(result)
+    assert result.row is BAD_INPUTS[bad] and str(result)
 
 
 def test_total_length_of_exactly_2_to_the_32_is_allowed() -> None:

@@ -36,8 +36,8 @@ def test_queue_size_is_a_power_of_two_up_to_32768(num: int, ok: bool) -> None:
 
 def test_alignment_rules_and_sizes() -> None:
     found = split_ring_violations(8, 0x1008, 0x2001, 0x3002)
-    assert [v.rule for v in found] == ["split descriptor table alignment", "split available ring alignment",
-                                       "split used ring alignment"]
+    assert [v.rule for v in found] == ["ring.split.descriptor_table.alignment",
+                                       "ring.split.available_ring.alignment", "ring.split.used_ring.alignment"]
     assert all(v.level is Level.MUST and v.citation.number == "2.7.1" for v in found)
     with pytest.raises(RingLayoutError):
         SplitRing(8, 0x1008, 0x2000, 0x3000)

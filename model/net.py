@@ -1,0 +1,710 @@
+"""virtio-net as the spec defines it, and the loopback the vdpacert reference device adds.
+
+Four parts, each a small table or a pure function:
+
+- the config layout (§5.1.4, 24 bytes up to ``supported_hash_types``) and the device-side
+  rules on its values (:func:`config_violations`);
+- the virtqueue index layout (§5.1.2): receiveq1, transmitq1, ..., receiveqN, transmitqN,
+  controlq at 2N, where N is ``max_virtqueue_pairs`` once MQ or RSS is negotiated, else 1;
+- ``struct virtio_net_hdr_v1`` (12 bytes) and the control virtqueue: :data:`CTRL_COMMANDS`
+  is the command table, :func:`apply_ctrl` the pure transition
+  ``(state, features, class, cmd, payload) -> (ack, new_state)``;
+- :class:`LoopbackNet`: every frame the driver transmits on transmitqN comes back, in order,
+  on receiveqN, behind a ``virtio_net_hdr_v1`` rebuilt as §5.1.6.4 requires.
+
+How binding an answer is: an ack of OK for a command whose feature was negotiated and whose
+payload is well formed is MUST (the device must support it). An ERR for a command the driver
+was not allowed to send (feature not negotiated, short or long payload, out-of-range value,
+unknown class or command) is the reference device's answer where the spec binds only the
+driver; it is graded SHOULD, and the broken driver rule is listed with the decision.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Any, Final, cast
+
+from vdpacert.uapi import virtio_net as uapi
+from vdpacert.uapi.virtio_ids import VIRTIO_ID_NET
+
+from . import sections
+from .config_space import ConfigField, ConfigLayout, Presence, build_layout
+from .features import is_valid as features_valid
+from .spec import Citation, Level, Section, SpecError, Violation
+
+__all__ = [
+    "CTRL_COMMANDS",
+    "NET_CONFIG_LAYOUT",
+    "CtrlCommand",
+    "CtrlDecision",
+    "LoopbackNet",
+    "NetDeviceState",
+    "NetHdr",
+    "NetModelError",
+    "NotModelled",
+    "RxCompletion",
+    "RxDrop",
+    "TxOutcome",
+    "VqRole",
+    "apply_ctrl",
+    "complete_checksum",
+    "config_violations",
+    "controlq",
+    "decide_ctrl",
+    "queue_pairs",
+    "receiveq",
+    "transmitq",
+    "virtqueue_count",
+    "vq_role",
+]
+
+# Sections sections.py does not name (v1.3 numbering).
+NET_VIRTQUEUES: Final = Section("5.1.2", "Network Device: Virtqueues")
+NET_CONFIG_DRIVER: Final = Section(
+    "5.1.4.2", "Network Device: Driver Requirements: Device configuration layout")
+NET_TRANSMIT_DRIVER: Final = Section("5.1.6.2.1", "Network Device: Driver Requirements: Packet Transmission")
+NET_TRANSMIT_DEVICE: Final = Section("5.1.6.2.2", "Network Device: Device Requirements: Packet Transmission")
+NET_RX_BUFFERS: Final = Section("5.1.6.3", "Network Device: Setting Up Receive Buffers")
+NET_RX_BUFFERS_DRIVER: Final = Section(
+    "5.1.6.3.1", "Network Device: Driver Requirements: Setting Up Receive Buffers")
+NET_RX_BUFFERS_DEVICE: Final = Section(
+    "5.1.6.3.2", "Network Device: Device Requirements: Setting Up Receive Buffers")
+NET_RECEIVE_DEVICE: Final = Section(
+    "5.1.6.4.1", "Network Device: Device Requirements: Processing of Incoming Packets")
+NET_CTRL_VLAN: Final = Section("5.1.6.5.3", "Network Device: VLAN Filtering")
+NET_CTRL_ANNOUNCE: Final = Section("5.1.6.5.4", "Network Device: Gratuitous Packet Sending")
+NET_CTRL_MQ_STEERING: Final = Section(
+    "5.1.6.5.6", "Network Device: Automatic receive steering in multiqueue mode")
+
+HDR_SIZE: Final = uapi.VIRTIO_NET_HDR_V1_SIZE
+ETH_HLEN: Final = 14  # "plus low level ethernet header length" (§5.1.4.1)
+MAC_LEN: Final = 6
+VQ_PAIRS_MIN: Final = uapi.VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MIN
+VQ_PAIRS_MAX: Final = uapi.VIRTIO_NET_CTRL_MQ_VQ_PAIRS_MAX
+
+
+class NetModelError(SpecError, ValueError):
+    """Misuse of the net model: a queue that does not exist, a header too short to decode, ..."""
+
+
+class NotModelled(NetModelError):
+    """A negotiated feature whose behaviour the loopback model does not predict (HASH_REPORT)."""
+
+
+def _has(features: int, bit: int) -> bool:
+    return bool(features >> bit & 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration layout (§5.1.4).
+# --------------------------------------------------------------------------------------------
+def _f(name: str, offset: int, size: int, *exists: int, **extra: object) -> ConfigField:
+    return ConfigField(name, offset, size, sections.NET_CONFIG, exists_if=tuple(exists),
+                       **extra)  # type: ignore[arg-type]
+
+
+NET_CONFIG_LAYOUT: Final[ConfigLayout] = build_layout(
+    "net", uapi.VIRTIO_NET_CONFIG_SIZE, sections.NET_CONFIG, (
+    _f("mac", uapi.VIRTIO_NET_CONFIG_MAC, MAC_LEN, is_bytes=True, valid_if=(uapi.VIRTIO_NET_F_MAC,),
+       summary="always exists, only valid with VIRTIO_NET_F_MAC"),
+    _f("status", uapi.VIRTIO_NET_CONFIG_STATUS, 2, uapi.VIRTIO_NET_F_STATUS),
+    _f("max_virtqueue_pairs", uapi.VIRTIO_NET_CONFIG_MAX_VIRTQUEUE_PAIRS, 2, uapi.VIRTIO_NET_F_MQ,
+       uapi.VIRTIO_NET_F_RSS),
+    _f("mtu", uapi.VIRTIO_NET_CONFIG_MTU, 2, uapi.VIRTIO_NET_F_MTU),
+    _f("speed", uapi.VIRTIO_NET_CONFIG_SPEED, 4, uapi.VIRTIO_NET_F_SPEED_DUPLEX),
+    _f("duplex", uapi.VIRTIO_NET_CONFIG_DUPLEX, 1, uapi.VIRTIO_NET_F_SPEED_DUPLEX),
+    _f("rss_max_key_size", 17, 1, uapi.VIRTIO_NET_F_RSS, uapi.VIRTIO_NET_F_HASH_REPORT),
+    _f("rss_max_indirection_table_length", 18, 2, uapi.VIRTIO_NET_F_RSS),
+    _f("supported_hash_types", 20, 4, uapi.VIRTIO_NET_F_RSS, uapi.VIRTIO_NET_F_HASH_REPORT),
+), driver_write_level=Level.MUST, driver_write_section=NET_CONFIG_DRIVER)
+
+SPEED_UNKNOWN: Final = 0xFFFFFFFF
+SPEED_MAX: Final = 0x7FFFFFFF
+DUPLEX_VALUES: Final = frozenset({0x00, 0x01, 0xFF})  # half, full, unknown
+
+
+# --------------------------------------------------------------------------------------------
+# Device state.
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class NetDeviceState:
+    """What a virtio-net device remembers: config values and what the control queue set.
+
+    ``permanent_mac`` is the address the device was created with; ``mac`` is the current
+    default address (VIRTIO_NET_CTRL_MAC_ADDR_SET changes it). ``curr_queue_pairs`` starts at
+    1: multiqueue is off until the driver enables it (§5.1.6.5.5). The RX mode flags mirror
+    the VIRTIO_NET_CTRL_RX commands; the spec fixes no reset value for them, and the model
+    starts with all of them off.
+    """
+
+    permanent_mac: bytes = bytes(MAC_LEN)
+    mac: bytes | None = None
+    status: int = uapi.VIRTIO_NET_S_LINK_UP
+    max_virtqueue_pairs: int = 1
+    mtu: int = 1500
+    speed: int = SPEED_UNKNOWN
+    duplex: int = 0xFF
+    curr_queue_pairs: int = 1
+    promisc: bool = False
+    allmulti: bool = False
+    alluni: bool = False
+    nomulti: bool = False
+    nouni: bool = False
+    nobcast: bool = False
+    mac_table_uni: tuple[bytes, ...] = ()
+    mac_table_multi: tuple[bytes, ...] = ()
+    vlans: frozenset[int] = field(default_factory=frozenset)
+
+    def __post_init__(self) -> None:
+        if len(self.permanent_mac) != MAC_LEN:
+            raise NetModelError("a MAC address is 6 bytes")
+        if self.mac is None:
+            object.__setattr__(self, "mac", bytes(self.permanent_mac))
+        elif len(self.mac) != MAC_LEN:
+            raise NetModelError("a MAC address is 6 bytes")
+        if not 0 <= self.status <= 0xFFFF or not 0 <= self.mtu <= 0xFFFF or not 0 <= self.speed <= 0xFFFFFFFF:
+            raise NetModelError("status, mtu and speed must fit their config fields")
+        if not 1 <= self.max_virtqueue_pairs <= VQ_PAIRS_MAX:
+            raise NetModelError(f"max_virtqueue_pairs must be within 1..{VQ_PAIRS_MAX:#x}")
+        if not 1 <= self.curr_queue_pairs <= self.max_virtqueue_pairs:
+            raise NetModelError("curr_queue_pairs must be within 1..max_virtqueue_pairs")
+
+    @property
+    def current_mac(self) -> bytes:
+        assert self.mac is not None  # filled in by __post_init__
+        return self.mac
+
+    def after_reset(self) -> NetDeviceState:
+        """The state after a device reset: control-queue settings gone, empty MAC table (§5.1.6.5.2)."""
+        return NetDeviceState(self.permanent_mac, None, self.status, self.max_virtqueue_pairs, self.mtu,
+                              self.speed, self.duplex)
+
+    def config_values(self) -> dict[str, int | bytes]:
+        return {"mac": self.current_mac, "status": self.status,
+                "max_virtqueue_pairs": self.max_virtqueue_pairs,
+                "mtu": self.mtu, "speed": self.speed, "duplex": self.duplex}
+
+    def render_config(self, offered: int) -> bytes:
+        """The 24 config bytes a device offering ``offered`` exposes (absent fields read zero)."""
+        values = {k: v for k, v in self.config_values().items()
+                  if NET_CONFIG_LAYOUT.presence(k, offered) is not Presence.ABSENT}
+        return NET_CONFIG_LAYOUT.render(values, offered=offered)
+
+
+def config_violations(state: NetDeviceState, offered: int) -> list[Violation]:
+    """The device-side config rules (§5.1.4.1) that ``state``'s values break under ``offered``."""
+    found = []
+    sec = sections.NET_CONFIG_DEVICE
+    if _has(offered, uapi.VIRTIO_NET_F_MTU):
+        if not 68 <= state.mtu <= 65535:
+            found.append(Violation("net.config.mtu.range", Level.MUST, sec,
+                                   f"mtu {state.mtu} outside 68..65535"))
+        elif state.mtu < 1280:
+            found.append(Violation("net.config.mtu.min_1280", Level.SHOULD, sec,
+                                   f"mtu {state.mtu} below 1280"))
+    if _has(offered, uapi.VIRTIO_NET_F_SPEED_DUPLEX):
+        if state.speed > SPEED_MAX and state.speed != SPEED_UNKNOWN:
+            found.append(Violation("net.config.speed.range", Level.MUST, sec,
+                                   f"speed {state.speed:#x} is neither 0..0x7fffffff nor 0xffffffff"))
+        if state.duplex not in DUPLEX_VALUES:
+            found.append(Violation("net.config.duplex.value", Level.MUST, sec,
+                                   f"duplex {state.duplex:#x} is not 0x00, 0x01 or 0xff"))
+    return found
+
+
+# --------------------------------------------------------------------------------------------
+# Virtqueue layout (§5.1.2).
+# --------------------------------------------------------------------------------------------
+def queue_pairs(features: int, max_virtqueue_pairs: int) -> int:
+    """N, the number of receive/transmit pairs that exist: max_virtqueue_pairs with MQ or RSS, else 1."""
+    if not 1 <= max_virtqueue_pairs <= VQ_PAIRS_MAX:
+        raise NetModelError(f"max_virtqueue_pairs must be within 1..{VQ_PAIRS_MAX:#x}")
+    if _has(features, uapi.VIRTIO_NET_F_MQ) or _has(features, uapi.VIRTIO_NET_F_RSS):
+        return max_virtqueue_pairs
+    return 1
+
+
+def receiveq(n: int) -> int:
+    """The virtqueue index of receiveq\\ *n* (1-based, as the spec names them)."""
+    if n < 1:
+        raise NetModelError("queue pairs are numbered from 1")
+    return 2 * (n - 1)
+
+
+def transmitq(n: int) -> int:
+    """The virtqueue index of transmitq\\ *n* (1-based)."""
+    return receiveq(n) + 1
+
+
+def controlq(features: int, max_virtqueue_pairs: int) -> int | None:
+    """The control virtqueue's index, 2N, or None when VIRTIO_NET_F_CTRL_VQ is not negotiated."""
+    n = queue_pairs(features, max_virtqueue_pairs)
+    return 2 * n if _has(features, uapi.VIRTIO_NET_F_CTRL_VQ) else None
+
+
+def virtqueue_count(features: int, max_virtqueue_pairs: int) -> int:
+    """All virtqueues that exist: 2N data queues plus the controlq when CTRL_VQ is negotiated."""
+    ctrl = 1 if _has(features, uapi.VIRTIO_NET_F_CTRL_VQ) else 0
+    return 2 * queue_pairs(features, max_virtqueue_pairs) + ctrl
+
+
+@dataclass(frozen=True)
+class VqRole:
+    """What a virtqueue index is: ``kind`` "rx", "tx" or "ctrl", and its pair (None for ctrl)."""
+
+    kind: str
+    pair: int | None
+
+
+def vq_role(index: int, features: int, max_virtqueue_pairs: int) -> VqRole:
+    n = queue_pairs(features, max_virtqueue_pairs)
+    if 0 <= index < 2 * n:
+        return VqRole("rx" if index % 2 == 0 else "tx", index // 2 + 1)
+    if index == controlq(features, max_virtqueue_pairs):
+        return VqRole("ctrl", None)
+    raise NetModelError(f"virtqueue {index} does not exist with {n} pair(s) under these features")
+
+
+# --------------------------------------------------------------------------------------------
+# struct virtio_net_hdr_v1 (§5.1.6).
+# --------------------------------------------------------------------------------------------
+_HDR: Final = struct.Struct("<BBHHHHH")
+
+
+@dataclass(frozen=True)
+class NetHdr:
+    """``struct virtio_net_hdr_v1``: the 12 bytes in front of every frame (without HASH_REPORT)."""
+
+    flags: int = 0
+    gso_type: int = uapi.VIRTIO_NET_HDR_GSO_NONE
+    hdr_len: int = 0
+    gso_size: int = 0
+    csum_start: int = 0
+    csum_offset: int = 0
+    num_buffers: int = 0
+
+    def encode(self) -> bytes:
+        try:
+            return _HDR.pack(self.flags, self.gso_type, self.hdr_len, self.gso_size, self.csum_start,
+                             self.csum_offset, self.num_buffers)
+        except struct.error as exc:
+            raise NetModelError(f"header field out of range: {exc}") from None
+
+    @classmethod
+    def decode(cls, raw: bytes) -> NetHdr:
+        if len(raw) < HDR_SIZE:
+            raise NetModelError(f"virtio_net_hdr_v1 is {HDR_SIZE} bytes, got {len(raw)}")
+        return cls(*_HDR.unpack_from(raw))
+
+
+def complete_checksum(frame: bytes, csum_start: int, csum_offset: int) -> bytes:
+    """Finish a partial checksum as a device does for VIRTIO_NET_HDR_F_NEEDS_CSUM (§5.1.6.2).
+
+    The 16-bit ones' complement sum runs from ``csum_start`` to the end of the frame (the
+    checksum field already holds the pseudo-header sum) and its complement is stored,
+    big-endian, at ``csum_start + csum_offset``.
+    """
+    at = csum_start + csum_offset
+    if at + 2 > len(frame):
+        raise NetModelError("checksum field lies outside the frame")
+    body = frame[csum_start:]
+    if len(body) % 2:
+        body += b"\0"
+    total = sum(int.from_bytes(body[i:i + 2], "big") for i in range(0, len(body), 2))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return frame[:at] + ((~total) & 0xFFFF).to_bytes(2, "big") + frame[at + 2:]
+
+
+# --------------------------------------------------------------------------------------------
+# Control virtqueue (§5.1.6.5).
+# --------------------------------------------------------------------------------------------
+Effect = Callable[[NetDeviceState, bytes], NetDeviceState | str]
+
+
+@dataclass(frozen=True)
+class CtrlCommand:
+    """One control command: class, command, the feature it needs, its payload and its effect.
+
+    ``payload_len`` is the exact command-specific-data length (None: variable, checked by the
+    effect). ``effect`` returns the new state, or a string saying why the device answers ERR.
+    ``driver_section`` is where the driver is forbidden to send it without ``feature``.
+    """
+
+    name: str
+    cls: int
+    cmd: int
+    feature: int
+    payload_len: int | None
+    effect: Effect
+    section: Section
+    driver_section: Section
+
+
+def _rx_flag(attr: str) -> Effect:
+    def effect(state: NetDeviceState, payload: bytes) -> NetDeviceState | str:
+        if payload[0] not in (0, 1):
+            return f"{attr} takes 0 (off) or 1 (on), got {payload[0]}"
+        return replace(state, **cast(dict[str, Any], {attr: bool(payload[0])}))
+    return effect
+
+
+def _mac_table_set(state: NetDeviceState, payload: bytes) -> NetDeviceState | str:
+    tables: list[tuple[bytes, ...]] = []
+    at = 0
+    for _ in range(2):
+        if at + 4 > len(payload):
+            return "MAC table truncated before its entry count"
+        (entries,) = struct.unpack_from("<I", payload, at)
+        at += 4
+        end = at + entries * MAC_LEN
+        if end > len(payload):
+            return f"MAC table announces {entries} entries but the payload is shorter"
+        tables.append(tuple(payload[i:i + MAC_LEN] for i in range(at, end, MAC_LEN)))
+        at = end
+    if at != len(payload):
+        return "trailing bytes after the two MAC tables"
+    return replace(state, mac_table_uni=tables[0], mac_table_multi=tables[1])
+
+
+def _mac_addr_set(state: NetDeviceState, payload: bytes) -> NetDeviceState | str:
+    return replace(state, mac=bytes(payload))
+
+
+def _vlan(add: bool) -> Effect:
+    def effect(state: NetDeviceState, payload: bytes) -> NetDeviceState | str:
+        (vid,) = struct.unpack("<H", payload)
+        if vid > 4095:
+            return f"VLAN id {vid} is not a 12-bit id"
+        return replace(state, vlans=state.vlans | {vid} if add else state.vlans - {vid})
+    return effect
+
+
+def _announce_ack(state: NetDeviceState, payload: bytes) -> NetDeviceState | str:
+    return replace(state, status=state.status & ~uapi.VIRTIO_NET_S_ANNOUNCE)
+
+
+def _vq_pairs_set(state: NetDeviceState, payload: bytes) -> NetDeviceState | str:
+    (pairs,) = struct.unpack("<H", payload)
+    if not VQ_PAIRS_MIN <= pairs <= state.max_virtqueue_pairs:
+        return f"virtqueue_pairs {pairs} outside 1..max_virtqueue_pairs ({state.max_virtqueue_pairs})"
+    return replace(state, curr_queue_pairs=pairs)
+
+
+def _cmd(name: str, cls: int, cmd: int, feature: int, payload_len: int | None, effect: Effect,
+         section: Section, driver_section: Section | None = None) -> CtrlCommand:
+    return CtrlCommand(name, cls, cmd, feature, payload_len, effect, section, driver_section or section)
+
+
+_RX, _MAC, _MQ = uapi.VIRTIO_NET_CTRL_RX, uapi.VIRTIO_NET_CTRL_MAC, uapi.VIRTIO_NET_CTRL_MQ
+_F_RX, _F_RX_EXTRA = uapi.VIRTIO_NET_F_CTRL_RX, uapi.VIRTIO_NET_F_CTRL_RX_EXTRA
+
+#: The control commands the model knows, keyed by (class, command).
+CTRL_COMMANDS: Final[Mapping[tuple[int, int], CtrlCommand]] = MappingProxyType({(c.cls, c.cmd): c for c in (
+    _cmd("RX_PROMISC", _RX, uapi.VIRTIO_NET_CTRL_RX_PROMISC, _F_RX, 1, _rx_flag("promisc"),
+         sections.NET_CTRL_RX),
+    _cmd("RX_ALLMULTI", _RX, uapi.VIRTIO_NET_CTRL_RX_ALLMULTI, _F_RX, 1, _rx_flag("allmulti"),
+         sections.NET_CTRL_RX),
+    _cmd("RX_ALLUNI", _RX, uapi.VIRTIO_NET_CTRL_RX_ALLUNI, _F_RX_EXTRA, 1, _rx_flag("alluni"),
+         sections.NET_CTRL_RX),
+    _cmd("RX_NOMULTI", _RX, uapi.VIRTIO_NET_CTRL_RX_NOMULTI, _F_RX_EXTRA, 1, _rx_flag("nomulti"),
+         sections.NET_CTRL_RX),
+    _cmd("RX_NOUNI", _RX, uapi.VIRTIO_NET_CTRL_RX_NOUNI, _F_RX_EXTRA, 1, _rx_flag("nouni"),
+         sections.NET_CTRL_RX),
+    _cmd("RX_NOBCAST", _RX, uapi.VIRTIO_NET_CTRL_RX_NOBCAST, _F_RX_EXTRA, 1, _rx_flag("nobcast"),
+         sections.NET_CTRL_RX),
+    _cmd("MAC_TABLE_SET", _MAC, uapi.VIRTIO_NET_CTRL_MAC_TABLE_SET, _F_RX, None, _mac_table_set,
+         sections.NET_CTRL_MAC),
+    # CTRL_MAC_ADDR is the feature "set MAC address through control channel" (§5.1.3).
+    _cmd("MAC_ADDR_SET", _MAC, uapi.VIRTIO_NET_CTRL_MAC_ADDR_SET, uapi.VIRTIO_NET_F_CTRL_MAC_ADDR, MAC_LEN,
+         _mac_addr_set, sections.NET_CTRL_MAC, sections.NET_FEATURE_BITS),
+    _cmd("VLAN_ADD", uapi.VIRTIO_NET_CTRL_VLAN, uapi.VIRTIO_NET_CTRL_VLAN_ADD, uapi.VIRTIO_NET_F_CTRL_VLAN, 2,
+         _vlan(True), NET_CTRL_VLAN),
+    _cmd("VLAN_DEL", uapi.VIRTIO_NET_CTRL_VLAN, uapi.VIRTIO_NET_CTRL_VLAN_DEL, uapi.VIRTIO_NET_F_CTRL_VLAN, 2,
+         _vlan(False), NET_CTRL_VLAN),
+    _cmd("ANNOUNCE_ACK", uapi.VIRTIO_NET_CTRL_ANNOUNCE, uapi.VIRTIO_NET_CTRL_ANNOUNCE_ACK,
+         uapi.VIRTIO_NET_F_GUEST_ANNOUNCE, 0, _announce_ack, NET_CTRL_ANNOUNCE),
+    _cmd("MQ_VQ_PAIRS_SET", _MQ, uapi.VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, uapi.VIRTIO_NET_F_MQ, 2, _vq_pairs_set,
+         NET_CTRL_MQ_STEERING),
+)})
+
+
+@dataclass(frozen=True)
+class CtrlDecision:
+    """The device's answer to one control command and the rule that fixes it."""
+
+    ack: int
+    state: NetDeviceState
+    rule: str
+    level: Level
+    citation: Citation
+    driver_violations: tuple[Violation, ...] = ()
+
+
+def decide_ctrl(state: NetDeviceState, features: int, cls: int, cmd: int, payload: bytes) -> CtrlDecision:
+    """Judge one command ``class``/``cmd`` with its command-specific-data ``payload``.
+
+    ERR always leaves the state untouched: a refused command has no effect.
+    """
+    if not _has(features, uapi.VIRTIO_NET_F_CTRL_VQ):
+        raise NetModelError("no control virtqueue exists without VIRTIO_NET_F_CTRL_VQ (§5.1.2)")
+    if not (0 <= cls <= 0xFF and 0 <= cmd <= 0xFF):
+        raise NetModelError("class and command are single bytes")
+    payload = bytes(payload)
+    row = CTRL_COMMANDS.get((cls, cmd))
+
+    def err(rule: str, citation: Section, message: str,
+            driver_section: Section | None = None) -> CtrlDecision:
+        found = (Violation(f"net.ctrl.driver.{rule}", Level.MUST, driver_section or citation, message),)
+        return CtrlDecision(uapi.VIRTIO_NET_ERR, state, f"net.ctrl.{rule}", Level.SHOULD, citation, found)
+
+    if row is None:
+        # No driver rule forbids an unknown command outright; the device just cannot honour it.
+        return CtrlDecision(uapi.VIRTIO_NET_ERR, state, "net.ctrl.unknown", Level.SHOULD,
+                            sections.NET_CONTROL_VQ)
+    if not _has(features, row.feature):
+        return err(f"{row.name}.not_negotiated", row.section,
+                   f"{row.name} sent without feature bit {row.feature}", row.driver_section)
+    if row.payload_len is not None and len(payload) != row.payload_len:
+        return err(f"{row.name}.payload_length", row.section,
+                   f"{row.name} takes {row.payload_len} bytes of data, got {len(payload)}")
+    outcome = row.effect(state, payload)
+    if isinstance(outcome, str):
+        return err(f"{row.name}.bad_value", row.section, outcome)
+    return CtrlDecision(uapi.VIRTIO_NET_OK, outcome, f"net.ctrl.{row.name}.ok", Level.MUST, row.section)
+
+
+def apply_ctrl(state: NetDeviceState, features: int, cls: int, cmd: int,
+               payload: bytes) -> tuple[int, NetDeviceState]:
+    """``(ack, new_state)`` for one control command; see :func:`decide_ctrl` for the why."""
+    decision = decide_ctrl(state, features, cls, cmd, payload)
+    return decision.ack, decision.state
+
+
+# --------------------------------------------------------------------------------------------
+# The loopback (the reference device's data path).
+# --------------------------------------------------------------------------------------------
+_F = uapi
+_NEEDS_CSUM: Final = uapi.VIRTIO_NET_HDR_F_NEEDS_CSUM
+_ECN: Final = uapi.VIRTIO_NET_HDR_GSO_ECN
+
+#: For each gso_type: the features of which one lets the driver send it (HOST_*, §5.1.6.2.1)
+#: and of which one lets the device deliver it (GUEST_*, §5.1.6.4.1).
+GSO_FEATURES: Final[Mapping[int, tuple[tuple[int, ...], tuple[int, ...]]]] = MappingProxyType({
+    _F.VIRTIO_NET_HDR_GSO_TCPV4: ((_F.VIRTIO_NET_F_HOST_TSO4,), (_F.VIRTIO_NET_F_GUEST_TSO4,)),
+    _F.VIRTIO_NET_HDR_GSO_TCPV6: ((_F.VIRTIO_NET_F_HOST_TSO6,), (_F.VIRTIO_NET_F_GUEST_TSO6,)),
+    _F.VIRTIO_NET_HDR_GSO_UDP: ((_F.VIRTIO_NET_F_HOST_UFO,), (_F.VIRTIO_NET_F_GUEST_UFO,)),
+    _F.VIRTIO_NET_HDR_GSO_UDP_L4: ((_F.VIRTIO_NET_F_HOST_USO,),
+                                   (_F.VIRTIO_NET_F_GUEST_USO4, _F.VIRTIO_NET_F_GUEST_USO6)),
+})
+
+
+@dataclass(frozen=True)
+class TxOutcome:
+    """What happens to one transmitted packet: queued for loopback, or dropped, and why."""
+
+    accepted: bool
+    rule: str
+    level: Level
+    citation: Citation
+    driver_violations: tuple[Violation, ...] = ()
+    used_len: int = 0  # the device writes nothing into a transmit buffer
+
+
+@dataclass(frozen=True)
+class RxCompletion:
+    """One frame delivered on receiveq ``pair``: the buffers it used and what went in each."""
+
+    pair: int
+    buffer_ids: tuple[int, ...]
+    used_lens: tuple[int, ...]
+    chunks: tuple[bytes, ...]
+    header: NetHdr
+    frame: bytes
+
+
+@dataclass(frozen=True)
+class RxDrop:
+    """A frame the device drops on the receive side, and the rule that makes it drop."""
+
+    pair: int
+    frame: bytes
+    rule: str
+    level: Level
+    citation: Citation
+
+
+@dataclass
+class _Pending:
+    header: NetHdr
+    frame: bytes
+
+
+class LoopbackNet:
+    """The reference device's loopback: transmitq\\ *i* feeds receiveq\\ *i*, in order.
+
+    No I/O: ``transmit`` takes a packet (header + frame, as the driver wrote it), ``post_rx``
+    makes a receive buffer available, ``deliver`` says what the device puts into the posted
+    buffers. Decisions, each with its rule:
+
+    - The receive header is rebuilt, not copied: ``num_buffers`` is 1 without MRG_RXBUF and
+      the number of buffers used with it (§5.1.6.4.1); NEEDS_CSUM passes through only when
+      GUEST_CSUM is negotiated, otherwise the device completes the checksum and sends
+      ``flags`` 0 (MUST set flags to zero, SHOULD supply a checksummed packet); a GSO packet
+      keeps its gso fields only when a matching GUEST_* feature is negotiated, otherwise it is
+      dropped (the device may not set that gso_type and the model does not segment).
+    - A frame that does not fit the next posted buffer without MRG_RXBUF is dropped and the
+      buffer stays posted: the device must use a single buffer (§5.1.6.3.2) and must not write
+      beyond it. With MRG_RXBUF it spreads over as many buffers as needed, filling all but the
+      last completely (§5.1.6.4.1); until enough buffers are posted, the frame waits.
+    - The loopback applies no receive filter: filtering is best-effort and SHOULD-level
+      (§5.1.6.5.1, §5.1.6.5.2), and a loopback that keeps every frame stays conforming.
+    - Frames longer than ``mtu`` plus the Ethernet header with gso_type NONE are dropped once
+      MTU is negotiated: the device must not pass them (§5.1.4.1).
+    """
+
+    def __init__(self, features: int, state: NetDeviceState | None = None) -> None:
+        if _has(features, uapi.VIRTIO_NET_F_HASH_REPORT):
+            raise NotModelled("HASH_REPORT lengthens the header to 20 bytes; the loopback model does not")
+        if not features_valid(VIRTIO_ID_NET, features):
+            raise NetModelError("the negotiated feature set breaks a MUST rule (see features.violations)")
+        self.features = features
+        self.state = state or NetDeviceState()
+        self.pairs = queue_pairs(features, self.state.max_virtqueue_pairs)
+        self._pending: dict[int, deque[_Pending]] = {p: deque() for p in range(1, self.pairs + 1)}
+        self._rx: dict[int, deque[tuple[int, int]]] = {p: deque() for p in range(1, self.pairs + 1)}
+
+    # -- queues ----------------------------------------------------------------------------
+    def _check_pair(self, pair: int) -> None:
+        if not 1 <= pair <= self.pairs:
+            raise NetModelError(f"queue pair {pair} does not exist (1..{self.pairs})")
+
+    @property
+    def active_pairs(self) -> int:
+        """Pairs the device may use now: the VQ_PAIRS_SET value with MQ, else 1 (§5.1.6.5.6)."""
+        return self.state.curr_queue_pairs if _has(self.features, uapi.VIRTIO_NET_F_MQ) else 1
+
+    def pending(self, pair: int) -> int:
+        self._check_pair(pair)
+        return len(self._pending[pair])
+
+    def control(self, cls: int, cmd: int, payload: bytes) -> CtrlDecision:
+        decision = decide_ctrl(self.state, self.features, cls, cmd, payload)
+        self.state = decision.state
+        return decision
+
+    # -- transmit --------------------------------------------------------------------------
+    def _drop_tx(self, rule: str, level: Level, citation: Citation, found: list[Violation]) -> TxOutcome:
+        return TxOutcome(False, f"net.tx.{rule}", level, citation, tuple(found))
+
+    def transmit(self, pair: int, packet: bytes) -> TxOutcome:
+        """The driver places ``packet`` (virtio_net_hdr_v1 + frame) on transmitq ``pair``."""
+        self._check_pair(pair)
+        feats = self.features
+        if len(packet) < HDR_SIZE:
+            return self._drop_tx("short_header", Level.MUST, sections.NET_OPERATION, [Violation(
+                "net.driver.tx.short_header", Level.MUST, sections.NET_OPERATION,
+                f"transmit buffer of {len(packet)} bytes cannot hold the {HDR_SIZE}-byte header")])
+        hdr = NetHdr.decode(packet)
+        frame = bytes(packet[HDR_SIZE:])
+        found: list[Violation] = []
+
+        def driver(rule: str, message: str) -> None:
+            found.append(Violation(f"net.driver.tx.{rule}", Level.MUST, NET_TRANSMIT_DRIVER, message))
+
+        if hdr.num_buffers:
+            driver("num_buffers", "num_buffers must be zero on transmit")
+        if hdr.flags & ~_NEEDS_CSUM:
+            driver("flags", "DATA_VALID / RSC_INFO set on transmit")
+        needs_csum = bool(hdr.flags & _NEEDS_CSUM)
+        if needs_csum and not _has(feats, uapi.VIRTIO_NET_F_CSUM):
+            driver("flags_without_csum", "NEEDS_CSUM set without VIRTIO_NET_F_CSUM")
+            needs_csum = False  # the device treats the packet as fully checksummed
+        if pair > self.active_pairs:
+            driver("inactive_pair", f"transmitq{pair} used with only {self.active_pairs} pair(s) enabled")
+            return self._drop_tx("inactive_pair", Level.MUST, NET_CTRL_MQ_STEERING, found)
+        gso = hdr.gso_type & ~_ECN
+        if gso != uapi.VIRTIO_NET_HDR_GSO_NONE:
+            host, guest = GSO_FEATURES.get(gso, ((), ()))
+            if not any(_has(feats, b) for b in host) or not needs_csum:
+                driver("gso", f"gso_type {hdr.gso_type:#x} without its HOST_* feature or without NEEDS_CSUM")
+                return self._drop_tx("gso_not_negotiated", Level.SHOULD, NET_TRANSMIT_DRIVER, found)
+            ecn_ok = not hdr.gso_type & _ECN or _has(feats, uapi.VIRTIO_NET_F_GUEST_ECN)
+            if not any(_has(feats, b) for b in guest) or not ecn_ok:
+                return self._drop_tx("gso_not_receivable", Level.MUST, NET_RECEIVE_DEVICE, found)
+        elif (_has(feats, uapi.VIRTIO_NET_F_MTU) and len(frame) > self.state.mtu + ETH_HLEN):
+            driver("mtu", f"frame of {len(frame)} bytes exceeds mtu {self.state.mtu} + {ETH_HLEN}")
+            return self._drop_tx("over_mtu", Level.MUST, sections.NET_CONFIG_DEVICE, found)
+        if needs_csum and hdr.csum_start + hdr.csum_offset + 2 > len(frame):
+            driver("csum_offsets", "csum_start + csum_offset points outside the frame")
+            return self._drop_tx("bad_csum_offsets", Level.SHOULD, NET_TRANSMIT_DEVICE, found)
+        if needs_csum and _has(feats, uapi.VIRTIO_NET_F_GUEST_CSUM):
+            rx_hdr = NetHdr(_NEEDS_CSUM, hdr.gso_type, hdr.hdr_len if gso else 0, hdr.gso_size if gso else 0,
+                            hdr.csum_start, hdr.csum_offset)
+        else:
+            if needs_csum:
+                frame = complete_checksum(frame, hdr.csum_start, hdr.csum_offset)
+            rx_hdr = NetHdr()
+        self._pending[pair].append(_Pending(rx_hdr, frame))
+        return TxOutcome(True, "net.tx.looped_back", Level.MUST, NET_TRANSMIT_DEVICE, tuple(found))
+
+    # -- receive ---------------------------------------------------------------------------
+    def post_rx(self, pair: int, buffer_id: int, length: int) -> None:
+        """The driver makes a device-writable buffer of ``length`` bytes available on receiveq ``pair``."""
+        self._check_pair(pair)
+        if length < 0:
+            raise NetModelError("a buffer length is never negative")
+        if _has(self.features, uapi.VIRTIO_NET_F_MRG_RXBUF) and length < HDR_SIZE:
+            raise NetModelError(f"with MRG_RXBUF each receive buffer MUST hold at least {HDR_SIZE} bytes "
+                                f"({NET_RX_BUFFERS_DRIVER}); the device's answer is not modelled")
+        self._rx[pair].append((buffer_id, length))
+
+    def deliver(self, pair: int) -> tuple[RxCompletion | RxDrop, ...]:
+        """Everything the device can do on receiveq ``pair`` now, in order."""
+        self._check_pair(pair)
+        events: list[RxCompletion | RxDrop] = []
+        pending, posted = self._pending[pair], self._rx[pair]
+        if pair > self.active_pairs:
+            while pending:
+                events.append(RxDrop(pair, pending.popleft().frame, "net.rx.inactive_pair", Level.MUST,
+                                     NET_CTRL_MQ_STEERING))
+            return tuple(events)
+        mrg = _has(self.features, uapi.VIRTIO_NET_F_MRG_RXBUF)
+        while pending and posted:
+            item = pending[0]
+            total = HDR_SIZE + len(item.frame)
+            if not mrg:
+                buffer_id, length = posted[0]
+                pending.popleft()
+                if length < total:
+                    events.append(RxDrop(pair, item.frame, "net.rx.too_big_for_buffer", Level.MUST,
+                                         NET_RX_BUFFERS_DEVICE))
+                    continue
+                posted.popleft()
+                data = replace(item.header, num_buffers=1).encode() + item.frame
+                events.append(RxCompletion(pair, (buffer_id,), (total,), (data,),
+                                           replace(item.header, num_buffers=1), item.frame))
+                continue
+            need, count = total, 0
+            for _bid, length in posted:
+                count += 1
+                need -= length
+                if need <= 0:
+                    break
+            if need > 0:
+                break  # not enough buffers yet: the frame waits, in order
+            pending.popleft()
+            used = [posted.popleft() for _ in range(count)]
+            header = replace(item.header, num_buffers=count)
+            data = header.encode() + item.frame
+            chunks, at = [], 0
+            for _bid, length in used:
+                chunks.append(data[at:at + length])
+                at += length
+            events.append(RxCompletion(pair, tuple(b for b, _ in used), tuple(len(c) for c in chunks),
+                                       tuple(chunks), header, item.frame))
+        return tuple(events)

@@ -80,6 +80,16 @@ class NotifyRule:
     citation: Section
     normative: bool  # False where the spec gives no level and the row follows the split rule
 
+    @property
+    def rule(self) -> str:
+        """The stable id: ``notify.<layout>.<direction>.<event_idx|flags>.<case>``."""
+        mode = "event_idx" if self.event_idx else "flags"
+        return f"notify.{self.layout.value}.{self.direction.name.lower()}.{mode}.{self.case.name.lower()}"
+
+    @property
+    def summary(self) -> str:
+        return f"{self.direction.name.lower()} notification, {self.case.value}: {self.decision.value}"
+
     def violation(self, notified: bool) -> Violation | None:
         """The broken rule if the sender did (``notified``) or did not notify, else None."""
         if self.level is None:
@@ -91,8 +101,7 @@ class NotifyRule:
         else:
             return None
         basis = "" if self.normative else " (level by analogy with the split ring; §2.8.10 states none)"
-        rule = f"notify.{self.layout.value}.{self.direction.name.lower()}.{self.case.name.lower()}"
-        return Violation(rule, self.level, self.citation, f"{what}: {self.case.value}{basis}")
+        return Violation(self.rule, self.level, self.citation, f"{what}: {self.case.value}{basis}")
 
 
 def _rows() -> tuple[NotifyRule, ...]:

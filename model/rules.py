@@ -10,12 +10,13 @@ prefix (``net.MQ.requires`` keeps the spec's feature name); reports and target q
 from __future__ import annotations
 
 import re
+import types
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final, Protocol
 
-from . import chains, features, notify, status
-from .spec import Citation, Level
+from . import chains, features, iotlb, notify, status, vdpa_device, vhost_vdpa
+from .spec import Citation, ErrnoRule, Level, Rule
 
 RULE_ID: Final = re.compile(r"^[a-z0-9_]+(\.[A-Za-z0-9_]+)+$")
 
@@ -58,6 +59,11 @@ def _entries(source: str, rows: Iterable[_RuleRow]) -> list[CatalogEntry]:
             for row in rows]
 
 
+def _module_rules(module: types.ModuleType) -> list[ErrnoRule | Rule]:
+    """The rule rows a module defines as module-level constants (ErrnoRule and Rule objects)."""
+    return [value for value in vars(module).values() if isinstance(value, ErrnoRule | Rule)]
+
+
 def catalog() -> tuple[CatalogEntry, ...]:
     """Every rule, in module order; ids are unique."""
     entries = [
@@ -67,7 +73,15 @@ def catalog() -> tuple[CatalogEntry, ...]:
         *_entries("chains", chains.BAD_INPUTS.values()),
         *_entries("notify", notify.NOTIFY_RULES),
     ]
-    return tuple(entries)
+    for module in (iotlb, vdpa_device, vhost_vdpa):
+        entries += _entries(module.__name__.rsplit(".", 1)[-1], _module_rules(module))
+    seen: set[str] = set()
+    unique = []
+    for entry in entries:
+        if entry.rule not in seen:  # a module may re-export a rule another module defines
+            seen.add(entry.rule)
+            unique.append(entry)
+    return tuple(unique)
 
 
 def by_id() -> dict[str, CatalogEntry]:

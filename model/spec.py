@@ -93,6 +93,28 @@ class Rule:
         return Violation(self.rule, self.level, self.citation, f"{self.summary}: {detail}")
 
 
+@dataclass(frozen=True)
+class ErrnoRule:
+    """A rule whose breach a conforming target answers with one errno.
+
+    Rules are data so that the conformance suite can list them, and so that a failure names
+    the rule it enforces. :meth:`fail` builds the :class:`ModelErrno` to raise. An interface
+    that must answer with this errno has no latitude, so the level is always MUST.
+    """
+
+    rule: str
+    errno: int
+    citation: Citation
+    summary: str
+
+    @property
+    def level(self) -> Level:
+        return Level.MUST
+
+    def fail(self, detail: str) -> ModelErrno:
+        return ModelErrno(self.errno, self.rule, self.citation, f"{self.summary}: {detail}")
+
+
 class SpecError(Exception):
     """Base of the model's own typed errors (misuse of the model, not device outcomes)."""
 

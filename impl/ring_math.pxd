@@ -15,4 +15,5 @@ cdef inline uint16_t ring_inflight(uint16_t avail_idx, uint16_t last_avail_idx) 
     return <uint16_t>(avail_idx - last_avail_idx)
 
 
-cdef bint log_page_span(uint64_t addr, uint64_t length, uint64_t *first, uint64_t *last) noexcept nogil
+# 1: pages [first, last] set; 0: zero-length write, nothing touched; -1: the write runs past 2^64.
+cdef int log_page_span(uint64_t addr, uint64_t length, uint64_t *first, uint64_t *last) noexcept nogil

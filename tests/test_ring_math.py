@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vdpacert.impl import ring_math
-from vdpacert.model import ring_index
+from vdpacert.model import dirty_log, ring_index
 
 u16 = st.integers(0, 0xFFFF)
 u64 = st.integers(0, 2**64 - 1)
@@ -49,12 +49,34 @@ def test_page_span_examples(addr: int, length: int, span: tuple[int, int] | None
 
 @given(u64, st.integers(0, 1 << 20))
 def test_page_span_covers_first_and_last_byte(addr: int, length: int) -> None:
+    if addr + length > 2**64:
+        with pytest.raises(OverflowError):
+            ring_math.page_span(addr, length)
+        return
     span = ring_math.page_span(addr, length)
     if length == 0:
         assert span is None
         return
-    last_byte = min(addr + length - 1, 2**64 - 1)
-    assert span == (addr // 4096, last_byte // 4096)
+    assert span == (addr // 4096, (addr + length - 1) // 4096)
+
+
+@given(st.one_of(u64, st.integers(2**64 - 2**20, 2**64 - 1)), st.integers(0, 1 << 24))
+def test_page_span_matches_the_model_dirty_log(addr: int, length: int) -> None:
+    try:
+        model_pages = dirty_log.pages_touched(addr, length)
+    except dirty_log.WriteBeyondAddressSpace:
+        with pytest.raises(OverflowError):
+            ring_math.page_span(addr, length)
+        return
+    span = ring_math.page_span(addr, length)
+    assert (None if not model_pages else (model_pages.start, model_pages.stop - 1)) == span
+
+
+def test_mark_dirty_refuses_a_write_past_2_64() -> None:
+    log = bytearray(8)
+    with pytest.raises(OverflowError):
+        ring_math.mark_dirty(log, 2**64 - 1, 2)
+    assert log == bytearray(8)
 
 
 def test_mark_dirty_sets_exactly_the_touched_pages() -> None:

@@ -23,10 +23,16 @@ Malformed requests (no device-writable byte for the status, or fewer than 16 rea
 of header) are bad input with no single right answer: a device must not crash nor write the
 disk; it may complete with IOERR when it has a status byte, or enter an error state and set
 DEVICE_NEEDS_RESET (§2.1.2). The outcome then has ``status=None`` and ``bad_input=True``.
+
+Every answer is a row of :data:`BLK_REQUEST_RULES`: a :class:`RequestRule` per request type
+and case (``blk.OUT.beyond_capacity``: IOERR, SHOULD, §5.2.6), holding the status byte the
+device answers with; the driver rules a request can break are the ``DRIVER_*`` constants
+(``blk.driver.*``). :data:`RULES` lists them all, with the config rules.
 """
 
 from __future__ import annotations
 
+import enum
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -36,18 +42,22 @@ from typing import Final
 from vdpacert.uapi import virtio_blk as uapi
 
 from . import sections
-from .config_space import ConfigField, ConfigLayout, Presence, build_layout
-from .spec import Citation, Level, Section, SpecError, Violation
+from .config_space import ConfigField, ConfigLayout, ConfigWriteRules, Presence, build_layout
+from .spec import Citation, Level, Rule, Section, SpecError, Violation
 
 __all__ = [
     "BAD_INPUT_STATUSES",
     "BLK_CONFIG_LAYOUT",
+    "BLK_REQUEST_RULES",
     "BLK_REQUEST_TYPES",
+    "RULES",
+    "Answer",
     "BlkConfig",
     "BlkDiskModel",
     "BlkModelError",
     "BlkOutcome",
     "NotModelled",
+    "RequestRule",
     "RequestType",
     "SparseDisk",
     "build_request",
@@ -79,6 +89,25 @@ class NotModelled(BlkModelError):
 # --------------------------------------------------------------------------------------------
 # Configuration layout (§5.2.4): 96 bytes up to the zoned characteristics.
 # --------------------------------------------------------------------------------------------
+#: Writes outside ``writeback``: §5.2.5 defines only that field as writable, without a MUST.
+#: ``writeback`` is one byte, so no write can cover part of it: there is no partial-write rule.
+CONFIG_WRITE_RULES: Final = ConfigWriteRules(
+    unmapped=Rule("blk.config.driver_write.unmapped", Level.SHOULD, BLK_DEVICE_INIT,
+                  "a config write should hit a field (only writeback is writable)"),
+    read_only=Rule("blk.config.driver_write.read_only", Level.SHOULD, BLK_DEVICE_INIT,
+                   "the driver should write only writeback, and only with VIRTIO_BLK_F_CONFIG_WCE negotiated"),
+)
+WRITEBACK_READ_BEFORE_FEATURES_OK: Final = Rule(
+    "blk.config.writeback.read_before_features_ok", Level.MUST, BLK_DEVICE_INIT,
+    "the driver must not read writeback before setting FEATURES_OK")
+WRITEBACK_VALUE: Final = Rule(
+    "blk.config.writeback.value", Level.MUST, BLK_DEVICE_INIT,
+    "writeback takes 0 (writethrough) or 1 (writeback)")
+WRITEBACK_WRITE: Final = Rule(
+    "blk.config.writeback.write", Level.MUST, BLK_DEVICE_INIT,
+    "with VIRTIO_BLK_F_CONFIG_WCE negotiated, a whole write of 0 or 1 to writeback sets the cache mode")
+
+
 def _f(name: str, offset: int, size: int, *exists: int, section: Section = sections.BLK_CONFIG,
        **extra: object) -> ConfigField:
     return ConfigField(name, offset, size, section, exists_if=tuple(exists),
@@ -104,8 +133,9 @@ BLK_CONFIG_LAYOUT: Final[ConfigLayout] = build_layout(
     _f("topology.min_io_size", uapi.VIRTIO_BLK_CONFIG_TOPOLOGY + 2, 2, uapi.VIRTIO_BLK_F_TOPOLOGY),
     _f("topology.opt_io_size", uapi.VIRTIO_BLK_CONFIG_TOPOLOGY + 4, 4, uapi.VIRTIO_BLK_F_TOPOLOGY),
     _f("writeback", uapi.VIRTIO_BLK_CONFIG_WRITEBACK, 1, uapi.VIRTIO_BLK_F_CONFIG_WCE,
-       section=BLK_DEVICE_INIT, writable_if=uapi.VIRTIO_BLK_F_CONFIG_WCE, allowed_writes=frozenset({0, 1}),
-       read_needs_features_ok=True,
+       section=BLK_DEVICE_INIT, writable_if=uapi.VIRTIO_BLK_F_CONFIG_WCE, write_rule=WRITEBACK_WRITE,
+       allowed_writes=frozenset({0, 1}), value_rule=WRITEBACK_VALUE,
+       read_needs_features_ok=WRITEBACK_READ_BEFORE_FEATURES_OK,
        summary="0 writethrough, 1 writeback; the one driver-writable field (§5.2.5)"),
     _f("unused0", uapi.VIRTIO_BLK_CONFIG_WRITEBACK + 1, 1, section=BLK_DEVICE_INIT_DEVICE, padding=True),
     _f("num_queues", uapi.VIRTIO_BLK_CONFIG_NUM_QUEUES, 2, uapi.VIRTIO_BLK_F_MQ),
@@ -127,7 +157,7 @@ BLK_CONFIG_LAYOUT: Final[ConfigLayout] = build_layout(
     _f("zoned.write_granularity", 88, 4, _ZONED),
     _f("zoned.model", 92, 1, _ZONED),
     _f("zoned.unused2", 93, 3, _ZONED, section=BLK_DEVICE_INIT_DEVICE, padding=True, is_bytes=True),
-), driver_write_level=Level.SHOULD, driver_write_section=BLK_DEVICE_INIT)
+), write_rules=CONFIG_WRITE_RULES)
 
 
 @dataclass(frozen=True)
@@ -270,6 +300,163 @@ NOT_MODELLED_FEATURES: Final = (1 << uapi.VIRTIO_BLK_F_LIFETIME) | (1 << _SE) | 
 
 
 # --------------------------------------------------------------------------------------------
+# The rules: what the device answers in each case, and what the driver must not do.
+# --------------------------------------------------------------------------------------------
+_S_OK: Final = uapi.VIRTIO_BLK_S_OK
+_S_IOERR: Final = uapi.VIRTIO_BLK_S_IOERR
+_S_UNSUPP: Final = uapi.VIRTIO_BLK_S_UNSUPP
+_OP: Final = sections.BLK_OPERATION
+_OP_DRIVER: Final = sections.BLK_OPERATION_DRIVER
+_OP_DEVICE: Final = sections.BLK_OPERATION_DEVICE
+
+
+class Answer(enum.Enum):
+    """The cases a request can end in; the value is the last part of the rule id."""
+
+    OK = "ok"
+    OK_NONZERO_SECTOR = "ok_nonzero_sector"
+    NO_STATUS_BYTE = "no_status_byte"
+    OUTHDR_SHORT = "outhdr_short"
+    UNKNOWN_TYPE = "unknown_type"
+    NOT_NEGOTIATED = "not_negotiated"
+    READ_ONLY = "read_only"
+    UNALIGNED_LENGTH = "unaligned_length"
+    BEYOND_CAPACITY = "beyond_capacity"
+    ID_LENGTH = "length"
+    SEGMENT_LENGTH = "segment_length"
+    TOO_MANY_SEGMENTS = "too_many_segments"
+    TOO_MANY_SECTORS = "too_many_sectors"
+    UNKNOWN_FLAG = "unknown_flag"
+    UNMAP = "unmap"
+
+
+@dataclass(frozen=True)
+class RequestRule:
+    """How a conforming device answers ``request`` (a type name, or "request" before the type is
+    known) in case ``answer``: with ``status`` (None: bad input, no single right answer), as
+    binding as ``level``, per ``citation``. The id is ``blk.<request>.<answer>``."""
+
+    request: str
+    answer: Answer
+    status: int | None
+    level: Level
+    citation: Citation
+    summary: str
+
+    @property
+    def rule(self) -> str:
+        return f"blk.{self.request}.{self.answer.value}"
+
+
+def _rr(request: str, answer: Answer, status: int | None, level: Level, citation: Citation,
+        summary: str) -> RequestRule:
+    return RequestRule(request, answer, status, level, citation, summary)
+
+
+_SEGMENT_TYPES: Final = ("DISCARD", "WRITE_ZEROES")
+
+_REQUEST_RULE_ROWS: Final[tuple[RequestRule, ...]] = (
+    # Before the type is known.
+    _rr("request", Answer.NO_STATUS_BYTE, None, Level.MUST, _OP,
+        "a request without a device-writable status byte is bad input: no crash, no disk write"),
+    _rr("request", Answer.OUTHDR_SHORT, None, Level.MUST, _OP,
+        "a request shorter than virtio_blk_outhdr is bad input: no crash, no disk write"),
+    _rr("request", Answer.UNKNOWN_TYPE, _S_UNSUPP, Level.SHOULD, _OP,
+        "a request type the device does not know is answered UNSUPP"),
+    # A type whose feature was not negotiated: UNSUPP (MUST for zoned requests, §5.2.6.2).
+    *(_rr(t.name, Answer.NOT_NEGOTIATED, _S_UNSUPP, t.unsupp_level,
+          _OP_DEVICE if t.unsupp_level is Level.MUST else _OP,
+          f"{t.name} without its feature negotiated is answered UNSUPP")
+      for t in BLK_REQUEST_TYPES.values() if t.feature is not None),
+    # A modelled type that changes the disk, on a device that offers VIRTIO_BLK_F_RO: IOERR.
+    *(_rr(t.name, Answer.READ_ONLY, _S_IOERR, Level.MUST if t.name == "OUT" else Level.SHOULD, _OP_DEVICE,
+          f"{t.name} on a read-only device is answered IOERR and changes nothing")
+      for t in BLK_REQUEST_TYPES.values() if t.mutates and t.modelled),
+    # Reads and writes.
+    *(row for name in ("IN", "OUT") for row in (
+        _rr(name, Answer.UNALIGNED_LENGTH, _S_IOERR, Level.SHOULD, _OP,
+            f"{name} data that is not a multiple of 512 bytes is answered IOERR"),
+        _rr(name, Answer.BEYOND_CAPACITY, _S_IOERR, Level.SHOULD, _OP,
+            f"{name} past capacity is answered IOERR and touches no sector"),
+        _rr(name, Answer.OK, _S_OK, Level.MUST, _OP,
+            "a read returns the sectors' data" if name == "IN" else "a write stores its data"),
+    )),
+    _rr("FLUSH", Answer.OK, _S_OK, Level.MUST, _OP_DEVICE,
+        "FLUSH completes once every completed write is stable (a ramdisk has no volatile cache)"),
+    _rr("FLUSH", Answer.OK_NONZERO_SECTOR, _S_OK, Level.SHOULD, _OP_DEVICE,
+        "a FLUSH with a nonzero sector is still a flush: the reference device answers OK"),
+    _rr("GET_ID", Answer.ID_LENGTH, _S_IOERR, Level.SHOULD, _OP,
+        "GET_ID whose data area is not 20 bytes is answered IOERR"),
+    _rr("GET_ID", Answer.OK, _S_OK, Level.MUST, _OP, "GET_ID returns the device ID string, NUL-padded to 20 bytes"),
+    # Discard and write zeroes: flags first (UNSUPP, MUST), then shapes and limits (IOERR, SHOULD).
+    *(row for name in _SEGMENT_TYPES for row in (
+        _rr(name, Answer.UNKNOWN_FLAG, _S_UNSUPP, Level.MUST, _OP_DEVICE,
+            f"{name} with a flag other than unmap is answered UNSUPP"),
+        _rr(name, Answer.SEGMENT_LENGTH, _S_IOERR, Level.SHOULD, _OP,
+            f"{name} data that is not a positive multiple of 16 bytes is answered IOERR"),
+        _rr(name, Answer.TOO_MANY_SEGMENTS, _S_IOERR, Level.SHOULD, _OP,
+            f"{name} with more segments than the device allows is answered IOERR"),
+        _rr(name, Answer.TOO_MANY_SECTORS, _S_IOERR, Level.SHOULD, sections.BLK_CONFIG,
+            f"a {name} segment longer than the device allows is answered IOERR"),
+        _rr(name, Answer.BEYOND_CAPACITY, _S_IOERR, Level.SHOULD, _OP,
+            f"a {name} segment past capacity is answered IOERR"),
+    )),
+    _rr("DISCARD", Answer.UNMAP, _S_UNSUPP, Level.MUST, _OP_DEVICE, "DISCARD with the unmap flag is answered UNSUPP"),
+    _rr("DISCARD", Answer.OK, _S_OK, Level.MUST, _OP,
+        "DISCARD completes; what the discarded sectors read afterwards is left open"),
+    _rr("WRITE_ZEROES", Answer.OK, _S_OK, Level.MUST, _OP_DEVICE,
+        "after WRITE_ZEROES the ranges read as zeroes"),
+)
+
+#: Every answer the model gives, keyed by (request type name or "request", case).
+BLK_REQUEST_RULES: Final[Mapping[tuple[str, Answer], RequestRule]] = MappingProxyType(
+    {(r.request, r.answer): r for r in _REQUEST_RULE_ROWS})
+assert len(BLK_REQUEST_RULES) == len(_REQUEST_RULE_ROWS), "one row per (request, answer)"
+
+NO_STATUS_BYTE: Final = BLK_REQUEST_RULES["request", Answer.NO_STATUS_BYTE]
+OUTHDR_SHORT: Final = BLK_REQUEST_RULES["request", Answer.OUTHDR_SHORT]
+UNKNOWN_TYPE: Final = BLK_REQUEST_RULES["request", Answer.UNKNOWN_TYPE]
+
+# What the driver must not do (§5.2.6, §5.2.6.1).
+DRIVER_NO_STATUS_BYTE: Final = Rule(
+    "blk.driver.no_status_byte", Level.MUST, _OP, "a request ends in one device-writable status byte")
+DRIVER_OUTHDR_SHORT: Final = Rule(
+    "blk.driver.outhdr_short", Level.MUST, _OP, "a request starts with the 16-byte virtio_blk_outhdr")
+DRIVER_DATA_LENGTH: Final = Rule(
+    "blk.driver.data_length", Level.MUST, _OP_DRIVER, "read and write data is a multiple of 512 bytes")
+DRIVER_BEYOND_CAPACITY: Final = Rule(
+    "blk.driver.beyond_capacity", Level.MUST, _OP_DRIVER, "the driver must not access sectors past capacity")
+DRIVER_FLUSH_SECTOR: Final = Rule(
+    "blk.driver.flush_sector", Level.MUST, _OP_DRIVER, "a FLUSH request carries sector 0")
+DRIVER_FLUSH_DATA: Final = Rule(
+    "blk.driver.flush_data", Level.SHOULD, _OP_DRIVER, "a FLUSH request carries no data")
+DRIVER_GET_ID_LENGTH: Final = Rule(
+    "blk.driver.get_id_length", Level.MUST, _OP_DRIVER, "the data area of GET_ID is 20 bytes")
+DRIVER_SEGMENT_LENGTH: Final = Rule(
+    "blk.driver.segment_length", Level.MUST, _OP_DRIVER,
+    "discard and write zeroes data is a whole number of 16-byte segments, at least one")
+DRIVER_TOO_MANY_SEGMENTS: Final = Rule(
+    "blk.driver.too_many_segments", Level.MUST, _OP_DRIVER,
+    "discard and write zeroes carry at most max_discard_seg / max_write_zeroes_seg segments")
+DRIVER_TOO_MANY_SECTORS: Final = Rule(
+    "blk.driver.too_many_sectors", Level.MUST, _OP_DRIVER,
+    "a discard or write zeroes segment is at most max_discard_sectors / max_write_zeroes_sectors long")
+
+DRIVER_RULES: Final[tuple[Rule, ...]] = (
+    DRIVER_NO_STATUS_BYTE, DRIVER_OUTHDR_SHORT, DRIVER_DATA_LENGTH, DRIVER_BEYOND_CAPACITY, DRIVER_FLUSH_SECTOR,
+    DRIVER_FLUSH_DATA, DRIVER_GET_ID_LENGTH, DRIVER_SEGMENT_LENGTH, DRIVER_TOO_MANY_SEGMENTS,
+    DRIVER_TOO_MANY_SECTORS)
+
+#: Every rule of this module: the config rules, the device's answers, the driver's duties.
+RULES: Final[tuple[Rule | RequestRule, ...]] = (*BLK_CONFIG_LAYOUT.rules, *_REQUEST_RULE_ROWS, *DRIVER_RULES)
+
+
+def request_rule(request: str, answer: Answer) -> RequestRule:
+    """The row for ``request`` in case ``answer``; a missing row is a bug in this module."""
+    return BLK_REQUEST_RULES[request, answer]
+
+
+# --------------------------------------------------------------------------------------------
 # Outcome.
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -324,18 +511,6 @@ def discard_segment(sector: int, num_sectors: int, flags: int = 0) -> bytes:
 # --------------------------------------------------------------------------------------------
 # The model.
 # --------------------------------------------------------------------------------------------
-_S_OK: Final = uapi.VIRTIO_BLK_S_OK
-_S_IOERR: Final = uapi.VIRTIO_BLK_S_IOERR
-_S_UNSUPP: Final = uapi.VIRTIO_BLK_S_UNSUPP
-_OP: Final = sections.BLK_OPERATION
-_OP_DRIVER: Final = sections.BLK_OPERATION_DRIVER
-_OP_DEVICE: Final = sections.BLK_OPERATION_DEVICE
-
-
-def _driver(rule: str, message: str, level: Level = Level.MUST, section: Section = _OP_DRIVER) -> Violation:
-    return Violation(f"blk.driver.{rule}", level, section, message)
-
-
 @dataclass(frozen=True)
 class BlkDiskModel:
     """A virtio-blk ramdisk as the reference device implements it, without I/O.
@@ -381,11 +556,10 @@ class BlkDiskModel:
                          max_write_zeroes_seg=self.max_write_zeroes_seg, **values)  # type: ignore[arg-type]
 
     # -- helpers ---------------------------------------------------------------------------
-    def _out(self, status: int | None, rule: str, level: Level, citation: Citation, *,
-             data: bytes = b"", disk: SparseDisk | None = None, found: Sequence[Violation] = (),
-             writable: int = 0, **extra: object) -> BlkOutcome:
-        return BlkOutcome(status, data, disk if disk is not None else self.contents, f"blk.{rule}", level,
-                          citation, tuple(found), writable_total=writable, **extra)  # type: ignore[arg-type]
+    def _out(self, rule: RequestRule, *, data: bytes = b"", disk: SparseDisk | None = None,
+             found: Sequence[Violation] = (), writable: int = 0, **extra: object) -> BlkOutcome:
+        return BlkOutcome(rule.status, data, disk if disk is not None else self.contents, rule.rule, rule.level,
+                          rule.citation, tuple(found), writable_total=writable, **extra)  # type: ignore[arg-type]
 
     def _in_range(self, sector: int, count: int) -> bool:
         return sector + count <= self.capacity
@@ -403,24 +577,20 @@ class BlkDiskModel:
         readable = bytes(request_bytes_readable)
         writable = sum(writable_lengths)
         if writable == 0:
-            return self._out(None, "request.no_status_byte", Level.MUST, _OP, bad_input=True, found=[_driver(
-                "no_status_byte", "request has no device-writable byte for the status (§5.2.6 layout)",
-                section=_OP)])
+            return self._out(NO_STATUS_BYTE, bad_input=True, found=[DRIVER_NO_STATUS_BYTE.violation(
+                "request has no device-writable byte for the status (§5.2.6 layout)")])
         if len(readable) < OUTHDR:
-            return self._out(None, "request.outhdr_short", Level.MUST, _OP, bad_input=True, writable=writable,
-                             found=[_driver("outhdr_short", f"request header is {len(readable)} bytes, "
-                                                            f"not {OUTHDR}", section=_OP)])
+            return self._out(OUTHDR_SHORT, bad_input=True, writable=writable, found=[
+                DRIVER_OUTHDR_SHORT.violation(f"request header is {len(readable)} bytes, not {OUTHDR}")])
         type_, _ioprio, sector = struct.unpack_from("<IIQ", readable)
         payload = readable[OUTHDR:]
         row = BLK_REQUEST_TYPES.get(type_)
         if row is None:
-            return self._out(_S_UNSUPP, "request.unknown_type", Level.SHOULD, _OP, writable=writable)
+            return self._out(UNKNOWN_TYPE, writable=writable)
         if row.feature is not None and not features >> row.feature & 1:
-            return self._out(_S_UNSUPP, f"{row.name}.not_negotiated", row.unsupp_level,
-                             _OP_DEVICE if row.unsupp_level is Level.MUST else _OP, writable=writable)
+            return self._out(request_rule(row.name, Answer.NOT_NEGOTIATED), writable=writable)
         if row.mutates and self.read_only:
-            level = Level.MUST if row.name == "OUT" else Level.SHOULD
-            return self._out(_S_IOERR, f"{row.name}.read_only", level, _OP_DEVICE, writable=writable)
+            return self._out(request_rule(row.name, Answer.READ_ONLY), writable=writable)
         handler = {"in": self._read, "out": self._write, "none": self._flush, "id": self._get_id,
                    "segments": self._segments}[row.data]
         return handler(row, sector, payload, writable)
@@ -428,14 +598,14 @@ class BlkDiskModel:
     # -- per type --------------------------------------------------------------------------
     def _sector_range(self, row: RequestType, sector: int, nbytes: int, writable: int) -> BlkOutcome | None:
         if nbytes % SECTOR:
-            return self._out(_S_IOERR, f"{row.name}.unaligned_length", Level.SHOULD, _OP, writable=writable,
-                             found=[_driver("data_length",
-                                            f"{row.name} data is {nbytes} bytes, not a multiple "
-                                                           f"of {SECTOR}")])
+            return self._out(request_rule(row.name, Answer.UNALIGNED_LENGTH), writable=writable,
+                             found=[DRIVER_DATA_LENGTH.violation(
+                                 f"{row.name} data is {nbytes} bytes, not a multiple of {SECTOR}")])
         if not self._in_range(sector, nbytes // SECTOR):
-            return self._out(_S_IOERR, f"{row.name}.beyond_capacity", Level.SHOULD, _OP, writable=writable,
-                             found=[_driver("beyond_capacity", f"{row.name} of {nbytes // SECTOR} sectors at "
-                                                               f"{sector} passes capacity {self.capacity}")])
+            return self._out(request_rule(row.name, Answer.BEYOND_CAPACITY), writable=writable,
+                             found=[DRIVER_BEYOND_CAPACITY.violation(
+                                 f"{row.name} of {nbytes // SECTOR} sectors at {sector} passes capacity "
+                                 f"{self.capacity}")])
         return None
 
     def _read(self, row: RequestType, sector: int, payload: bytes, writable: int) -> BlkOutcome:
@@ -444,31 +614,31 @@ class BlkDiskModel:
         if refused is not None:
             return refused
         data = self.contents.read(sector, nbytes // SECTOR)
-        return self._out(_S_OK, "IN.ok", Level.MUST, _OP, data=data, writable=writable)
+        return self._out(request_rule("IN", Answer.OK), data=data, writable=writable)
 
     def _write(self, row: RequestType, sector: int, payload: bytes, writable: int) -> BlkOutcome:
         refused = self._sector_range(row, sector, len(payload), writable)
         if refused is not None:
             return refused
-        return self._out(_S_OK, "OUT.ok", Level.MUST, _OP, disk=self.contents.write(sector, payload),
+        return self._out(request_rule("OUT", Answer.OK), disk=self.contents.write(sector, payload),
                          writable=writable)
 
     def _flush(self, row: RequestType, sector: int, payload: bytes, writable: int) -> BlkOutcome:
         found = []
         if sector:
-            found.append(_driver("flush_sector", f"FLUSH with sector {sector}, not 0"))
+            found.append(DRIVER_FLUSH_SECTOR.violation(f"FLUSH with sector {sector}, not 0"))
         if payload or writable > 1:
-            found.append(_driver("flush_data", "FLUSH carries data", level=Level.SHOULD))
+            found.append(DRIVER_FLUSH_DATA.violation("FLUSH carries data"))
         # A ramdisk has no volatile cache: every completed write is already stable.
-        level = Level.SHOULD if sector else Level.MUST
-        return self._out(_S_OK, "FLUSH.ok", level, _OP_DEVICE, writable=writable, found=found)
+        answer = Answer.OK_NONZERO_SECTOR if sector else Answer.OK
+        return self._out(request_rule("FLUSH", answer), writable=writable, found=found)
 
     def _get_id(self, row: RequestType, sector: int, payload: bytes, writable: int) -> BlkOutcome:
         if writable - 1 != ID_BYTES:
-            return self._out(_S_IOERR, "GET_ID.length", Level.SHOULD, _OP, writable=writable,
-                             found=[_driver("get_id_length",
-                                            f"GET_ID data is {writable - 1} bytes, not {ID_BYTES}")])
-        return self._out(_S_OK, "GET_ID.ok", Level.MUST, _OP, data=self.serial.ljust(ID_BYTES, b"\0"),
+            return self._out(request_rule("GET_ID", Answer.ID_LENGTH), writable=writable,
+                             found=[DRIVER_GET_ID_LENGTH.violation(
+                                 f"GET_ID data is {writable - 1} bytes, not {ID_BYTES}")])
+        return self._out(request_rule("GET_ID", Answer.OK), data=self.serial.ljust(ID_BYTES, b"\0"),
                          writable=writable)
 
     def _segments(self, row: RequestType, sector: int, payload: bytes, writable: int) -> BlkOutcome:
@@ -477,39 +647,40 @@ class BlkDiskModel:
         limit_seg = self.max_discard_seg if is_discard else self.max_write_zeroes_seg
         limit_sectors = self.max_discard_sectors if is_discard else self.max_write_zeroes_sectors
 
-        def ioerr(rule: str, message: str, citation: Section = _OP) -> BlkOutcome:
+        def ioerr(answer: Answer, driver_rule: Rule, message: str) -> BlkOutcome:
             # A failed discard / write zeroes leaves each segment's fate open (§5.2.6).
-            return self._out(_S_IOERR, f"{name}.{rule}", Level.SHOULD, citation, writable=writable,
-                             found=[_driver(rule, message)], segments_indeterminate=True)
+            return self._out(request_rule(name, answer), writable=writable,
+                             found=[driver_rule.violation(message)], segments_indeterminate=True)
 
-        def unsupp(rule: str) -> BlkOutcome:
-            return self._out(_S_UNSUPP, f"{name}.{rule}", Level.MUST, _OP_DEVICE, writable=writable)
+        def unsupp(answer: Answer) -> BlkOutcome:
+            return self._out(request_rule(name, answer), writable=writable)
 
         if len(payload) % SEGMENT or not payload:
-            return ioerr("segment_length", f"{name} data is {len(payload)} bytes, not a positive multiple "
-                                           f"of {SEGMENT}")
+            return ioerr(Answer.SEGMENT_LENGTH, DRIVER_SEGMENT_LENGTH,
+                         f"{name} data is {len(payload)} bytes, not a positive multiple of {SEGMENT}")
         segs = [struct.unpack_from("<QII", payload, i) for i in range(0, len(payload), SEGMENT)]
         # Flags first: an unknown flag, or unmap on a discard, is UNSUPP whatever the ranges (§5.2.6.2).
         for _start, _count, flags in segs:
             if flags & ~UNMAP:
-                return unsupp("unknown_flag")
+                return unsupp(Answer.UNKNOWN_FLAG)
             if is_discard and flags & UNMAP:
-                return unsupp("unmap")
+                return unsupp(Answer.UNMAP)
         if limit_seg and len(segs) > limit_seg:
-            return ioerr("too_many_segments", f"{len(segs)} segments, the device allows {limit_seg}")
+            return ioerr(Answer.TOO_MANY_SEGMENTS, DRIVER_TOO_MANY_SEGMENTS,
+                         f"{len(segs)} segments, the device allows {limit_seg}")
         for start, count, _flags in segs:
             if limit_sectors and count > limit_sectors:
-                return ioerr("too_many_sectors", f"segment of {count} sectors, the device allows "
-                                                 f"{limit_sectors}", sections.BLK_CONFIG)
+                return ioerr(Answer.TOO_MANY_SECTORS, DRIVER_TOO_MANY_SECTORS,
+                             f"segment of {count} sectors, the device allows {limit_sectors}")
             if not self._in_range(start, count):
-                return ioerr("beyond_capacity",
+                return ioerr(Answer.BEYOND_CAPACITY, DRIVER_BEYOND_CAPACITY,
                              f"segment [{start}, +{count}) passes capacity {self.capacity}")
         ranges = [(start, count) for start, count, _ in segs if count]
         disk = self.contents.zero(ranges)
         if is_discard:
             # The reference ramdisk deallocates (reads zero), but the driver may assume nothing (§5.2.6.1).
             undefined = tuple((start * SECTOR, count * SECTOR) for start, count in ranges)
-            return self._out(_S_OK, "DISCARD.ok", Level.MUST, _OP, disk=disk, writable=writable,
+            return self._out(request_rule("DISCARD", Answer.OK), disk=disk, writable=writable,
                              undefined_ranges=undefined)
         # After write zeroes, reads of the ranges MUST return zeroes (§5.2.6.2).
-        return self._out(_S_OK, "WRITE_ZEROES.ok", Level.MUST, _OP_DEVICE, disk=disk, writable=writable)
+        return self._out(request_rule("WRITE_ZEROES", Answer.OK), disk=disk, writable=writable)

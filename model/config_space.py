@@ -21,26 +21,36 @@ Writes: a driver may only write a field its layout marks writable under a negoti
 feature (virtio-blk ``writeback`` with CONFIG_WCE, §5.2.5); virtio-net has no writable field
 at all (§5.1.4.2). The reference device ignores every other write, so the model answers
 "config unchanged" and names the driver rule that was broken.
+
+Rules: reading an absent field breaks the same sentence for every device type (§2.5.1), so
+:data:`READ_ABSENT_FIELD` is one device-independent rule. How binding "write only what is
+writable" is differs per device type (net MUST, blk SHOULD), so each layout carries its own
+:class:`ConfigWriteRules` (``net.config.driver_write.*``, ``blk.config.driver_write.*``), and a
+field with rules of its own (blk ``writeback``) carries them on its row. ``ConfigLayout.rules``
+lists a layout's rules; the device modules put them in their ``RULES``.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final
 
 from . import sections
-from .spec import Citation, Level, LinuxSource, Section, SpecError, Violation
+from .spec import Citation, Level, LinuxSource, Rule, Section, SpecError, Violation
 
 __all__ = [
+    "READ_ABSENT_FIELD",
+    "RULES",
     "VHOST_CONFIG_BOUNDS",
     "ConfigAccessError",
     "ConfigField",
     "ConfigLayout",
     "ConfigRead",
     "ConfigWrite",
+    "ConfigWriteRules",
     "FieldValue",
     "Presence",
 ]
@@ -49,6 +59,14 @@ FieldValue = int | bytes
 
 #: Where out-of-range config accesses are refused: the spec has no such rule, vhost-vdpa does.
 VHOST_CONFIG_BOUNDS: Final = LinuxSource("drivers/vhost/vdpa.c", "vhost_vdpa_config_validate")
+
+#: The one config rule that is the same for every device type (§2.5.1).
+READ_ABSENT_FIELD: Final = Rule(
+    "config.driver.read_absent_field", Level.MUST, sections.CONFIG_SPACE_DRIVER,
+    "the driver must not access a field whose feature the device does not offer")
+
+#: The device-independent config rules; each layout lists its own in ``ConfigLayout.rules``.
+RULES: Final[tuple[Rule, ...]] = (READ_ABSENT_FIELD,)
 
 
 class ConfigAccessError(SpecError, ValueError):
@@ -71,9 +89,11 @@ class ConfigField:
     field always exists. ``valid_if`` narrows when its *value* means something although the
     field exists (net ``mac`` always exists but is only valid with VIRTIO_NET_F_MAC, §5.1.4).
     ``writable_if`` is the feature bit under which the driver may write the field (None:
-    read-only). ``padding`` fields are reserved bytes the device must keep zero.
-    ``allowed_writes`` restricts the values a driver write may carry.
-    ``read_needs_features_ok`` marks fields the driver must not read before FEATURES_OK.
+    read-only) and ``write_rule`` the device's duty to take such a write (set together).
+    ``padding`` fields are reserved bytes the device must keep zero. ``allowed_writes``
+    restricts the values a driver write may carry, and ``value_rule`` is the driver rule a
+    write of another value breaks (set together). ``read_needs_features_ok`` is the driver
+    rule a read before FEATURES_OK breaks, for the fields that have one (None: no such rule).
     """
 
     name: str
@@ -86,8 +106,22 @@ class ConfigField:
     is_bytes: bool = False
     padding: bool = False
     allowed_writes: frozenset[int] | None = None
-    read_needs_features_ok: bool = False
+    read_needs_features_ok: Rule | None = None
+    write_rule: Rule | None = None
+    value_rule: Rule | None = None
     summary: str = ""
+
+    def __post_init__(self) -> None:
+        if (self.writable_if is None) != (self.write_rule is None):
+            raise ConfigAccessError(f"{self.name}: a writable field names the rule its writes follow, "
+                                    "a read-only one names none")
+        if (self.allowed_writes is None) != (self.value_rule is None):
+            raise ConfigAccessError(f"{self.name}: allowed_writes and value_rule go together")
+
+    @property
+    def rules(self) -> tuple[Rule, ...]:
+        """The rules of this field alone (most fields have none)."""
+        return tuple(r for r in (self.read_needs_features_ok, self.value_rule, self.write_rule) if r is not None)
 
     @property
     def end(self) -> int:
@@ -152,20 +186,35 @@ class ConfigWrite:
 
 
 @dataclass(frozen=True)
+class ConfigWriteRules:
+    """The driver rules a refused config write breaks, for one device type.
+
+    All three share a level and citation that depend on the device type: virtio-net forbids
+    writing any field outright (MUST, §5.1.4.2); virtio-blk only defines ``writeback`` as
+    writable (§5.2.5), so a write elsewhere is graded SHOULD.
+    """
+
+    unmapped: Rule  # the write hits no field at all
+    read_only: Rule  # the field is read-only, or writable only under a feature not negotiated
+    partial: Rule | None = None  # part of a writable field (None: no writable field is wider than a byte)
+
+    def __iter__(self) -> Iterator[Rule]:
+        return iter(r for r in (self.unmapped, self.read_only, self.partial) if r is not None)
+
+
+@dataclass(frozen=True)
 class ConfigLayout:
     """A device type's configuration structure: its fields, total size and rules for writes.
 
-    ``driver_write_level`` / ``driver_write_section`` state how binding "do not write the other
-    fields" is for this device type: virtio-net says it outright (MUST, §5.1.4.2); virtio-blk
-    only defines ``writeback`` as writable (§5.2.5), so a write elsewhere is graded SHOULD.
+    ``write_rules`` are the driver rules a refused write breaks on this device type; their ids,
+    like those of the fields' own rules, start with ``<device>.config.`` (checked here).
     """
 
     device: str
     size: int
     fields: tuple[ConfigField, ...]
     section: Section
-    driver_write_level: Level
-    driver_write_section: Section
+    write_rules: ConfigWriteRules
     _by_name: Mapping[str, ConfigField] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -181,6 +230,17 @@ class ConfigLayout:
         if cursor > self.size:
             raise ConfigAccessError(f"{self.device} layout: fields run to {cursor}, past size {self.size}")
         object.__setattr__(self, "_by_name", MappingProxyType(by_name))
+        if self.write_rules.partial is None and any(f.writable_if is not None and f.size > 1 for f in self.fields):
+            raise ConfigAccessError(f"{self.device} layout: a writable field wider than a byte needs a rule "
+                                    "for partial writes")
+        for rule in self.rules:
+            if not rule.rule.startswith(f"{self.device}.config."):
+                raise ConfigAccessError(f"{self.device} layout: rule {rule.rule} is not a {self.device}.config rule")
+
+    @property
+    def rules(self) -> tuple[Rule, ...]:
+        """This device type's config rules: its write rules, then the fields' own, in offset order."""
+        return (*self.write_rules, *(r for f in sorted(self.fields, key=lambda f: f.offset) for r in f.rules))
 
     # -- the table -------------------------------------------------------------------------
     def field(self, name: str) -> ConfigField:
@@ -245,16 +305,11 @@ class ConfigLayout:
                 continue
             if row.presence(offered, negotiated) is Presence.ABSENT:
                 undefined.append(row.name)
-                found.append(Violation(
-                    f"{self.device}.config.{row.name}.absent_read", Level.MUST, sections.CONFIG_SPACE_DRIVER,
+                found.append(READ_ABSENT_FIELD.violation(
                     f"driver read {row.name}, which does not exist without one of feature bits "
-                    f"{row.exists_if}",
-                ))
-            if row.read_needs_features_ok and not features_ok:
-                found.append(Violation(
-                    f"{self.device}.config.{row.name}.read_before_features_ok", Level.MUST, row.section,
-                    f"driver read {row.name} before setting FEATURES_OK",
-                ))
+                    f"{row.exists_if}"))
+            if row.read_needs_features_ok is not None and not features_ok:
+                found.append(row.read_needs_features_ok.violation(f"driver read {row.name} before setting FEATURES_OK"))
         return ConfigRead(bytes(config[offset:offset + length]), tuple(r.name for r in touched),
                           tuple(undefined), tuple(found))
 
@@ -268,37 +323,30 @@ class ConfigLayout:
         self._check_range(config, offset, len(data))
         touched = self.fields_at(offset, len(data))
         problems: list[Violation] = []
+        rules = self.write_rules
         if not touched:
-            problems.append(self._write_violation("unmapped", f"write to [{offset}, {offset + len(data)}) "
-                                                              "hits no field"))
+            problems.append(rules.unmapped.violation(f"write to [{offset}, {offset + len(data)}) hits no field"))
         for row in touched:
             if row.writable_if is None or not negotiated >> row.writable_if & 1:
                 why = "is read-only" if row.writable_if is None else f"needs feature bit {row.writable_if}"
-                problems.append(self._write_violation(f"{row.name}.read_only",
-                                                      f"driver wrote {row.name}, which {why}"))
-            elif row.offset < offset or row.end > offset + len(data):
-                problems.append(self._write_violation(f"{row.name}.partial",
-                                                      f"driver wrote part of {row.name}"))
-            elif row.allowed_writes is not None:
+                problems.append(rules.read_only.violation(f"driver wrote {row.name}, which {why}"))
+            elif rules.partial is not None and (row.offset < offset or row.end > offset + len(data)):
+                problems.append(rules.partial.violation(f"driver wrote part of {row.name}"))
+            elif row.allowed_writes is not None and row.value_rule is not None:
                 value = row.decode(bytes(config[:offset]) + bytes(data) + bytes(config[offset + len(data):]))
                 if value not in row.allowed_writes:
-                    problems.append(Violation(
-                        f"{self.device}.config.{row.name}.value", Level.MUST, row.section,
-                        f"driver wrote {value!r} to {row.name}; "
-                        f"defined values are {sorted(row.allowed_writes)}",
-                    ))
+                    problems.append(row.value_rule.violation(
+                        f"driver wrote {value!r} to {row.name}; defined values are {sorted(row.allowed_writes)}"))
         if problems:
             return ConfigWrite(False, bytes(config), tuple(problems), problems[0].rule, problems[0].citation)
         after = bytes(config[:offset]) + bytes(data) + bytes(config[offset + len(data):])
-        names = ",".join(r.name for r in touched)
-        return ConfigWrite(True, after, (), f"{self.device}.config.{names}.write", touched[0].section)
-
-    def _write_violation(self, what: str, message: str) -> Violation:
-        return Violation(f"{self.device}.config.{what}", self.driver_write_level, self.driver_write_section,
-                         message)
+        # Every touched field is writable here, so each has a write rule; the first one decides.
+        accepted = touched[0].write_rule
+        assert accepted is not None
+        return ConfigWrite(True, after, (), accepted.rule, accepted.citation)
 
 
 def build_layout(device: str, size: int, section: Section, rows: Iterable[ConfigField], *,
-                 driver_write_level: Level, driver_write_section: Section) -> ConfigLayout:
-    """Build and self-check a layout (overlaps and overruns are refused at import time)."""
-    return ConfigLayout(device, size, tuple(rows), section, driver_write_level, driver_write_section)
+                 write_rules: ConfigWriteRules) -> ConfigLayout:
+    """Build and self-check a layout (overlaps, overruns and misnamed rules are refused at import time)."""
+    return ConfigLayout(device, size, tuple(rows), section, write_rules)

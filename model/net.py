@@ -17,10 +17,17 @@ payload is well formed is MUST (the device must support it). An ERR for a comman
 was not allowed to send (feature not negotiated, short or long payload, out-of-range value,
 unknown class or command) is the reference device's answer where the spec binds only the
 driver; it is graded SHOULD, and the broken driver rule is listed with the decision.
+
+Every rule is a named constant or a table row: the config rules (``CONFIG_*``), the transmit
+and receive decisions (``TX_*``, ``RX_*``) and the driver's transmit duties (``DRIVER_TX_*``),
+and, per control command, the rows of :data:`CTRL_RULES` (``net.ctrl.<command>.<case>`` for
+the device's answer, ``net.ctrl.driver.<command>.<case>`` for the driver's duty). :data:`RULES`
+lists them all.
 """
 
 from __future__ import annotations
 
+import enum
 import struct
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -32,15 +39,19 @@ from vdpacert.uapi import virtio_net as uapi
 from vdpacert.uapi.virtio_ids import VIRTIO_ID_NET
 
 from . import sections
-from .config_space import ConfigField, ConfigLayout, Presence, build_layout
+from .config_space import ConfigField, ConfigLayout, ConfigWriteRules, Presence, build_layout
 from .features import is_valid as features_valid
-from .spec import Citation, Level, Section, SpecError, Violation
+from .spec import Citation, Level, Rule, Section, SpecError, Violation
 
 __all__ = [
     "CTRL_COMMANDS",
+    "CTRL_RULES",
     "NET_CONFIG_LAYOUT",
+    "RULES",
+    "CtrlCase",
     "CtrlCommand",
     "CtrlDecision",
+    "CtrlRule",
     "LoopbackNet",
     "NetDeviceState",
     "NetHdr",
@@ -102,6 +113,16 @@ def _has(features: int, bit: int) -> bool:
 # --------------------------------------------------------------------------------------------
 # Configuration layout (§5.1.4).
 # --------------------------------------------------------------------------------------------
+#: §5.1.4.2: the driver must not write any config field. No field is writable, so there is no
+#: rule for partial writes: any write that hits a field is a write to a read-only field.
+CONFIG_WRITE_RULES: Final = ConfigWriteRules(
+    unmapped=Rule("net.config.driver_write.unmapped", Level.MUST, NET_CONFIG_DRIVER,
+                  "the driver must not write the device configuration, not even a write that hits no field"),
+    read_only=Rule("net.config.driver_write.read_only", Level.MUST, NET_CONFIG_DRIVER,
+                   "the driver must not write any device configuration field"),
+)
+
+
 def _f(name: str, offset: int, size: int, *exists: int, **extra: object) -> ConfigField:
     return ConfigField(name, offset, size, sections.NET_CONFIG, exists_if=tuple(exists),
                        **extra)  # type: ignore[arg-type]
@@ -120,11 +141,27 @@ NET_CONFIG_LAYOUT: Final[ConfigLayout] = build_layout(
     _f("rss_max_key_size", 17, 1, uapi.VIRTIO_NET_F_RSS, uapi.VIRTIO_NET_F_HASH_REPORT),
     _f("rss_max_indirection_table_length", 18, 2, uapi.VIRTIO_NET_F_RSS),
     _f("supported_hash_types", 20, 4, uapi.VIRTIO_NET_F_RSS, uapi.VIRTIO_NET_F_HASH_REPORT),
-), driver_write_level=Level.MUST, driver_write_section=NET_CONFIG_DRIVER)
+), write_rules=CONFIG_WRITE_RULES)
 
 SPEED_UNKNOWN: Final = 0xFFFFFFFF
 SPEED_MAX: Final = 0x7FFFFFFF
 DUPLEX_VALUES: Final = frozenset({0x00, 0x01, 0xFF})  # half, full, unknown
+
+# The device's rules on its config values (§5.1.4.1), checked by :func:`config_violations`.
+CONFIG_MTU_RANGE: Final = Rule(
+    "net.config.mtu.range", Level.MUST, sections.NET_CONFIG_DEVICE,
+    "with VIRTIO_NET_F_MTU offered, mtu is within 68..65535")
+CONFIG_MTU_MIN_1280: Final = Rule(
+    "net.config.mtu.min_1280", Level.SHOULD, sections.NET_CONFIG_DEVICE,
+    "with VIRTIO_NET_F_MTU offered, mtu is at least 1280")
+CONFIG_SPEED_RANGE: Final = Rule(
+    "net.config.speed.range", Level.MUST, sections.NET_CONFIG_DEVICE,
+    "speed is a count of Mbit/s within 0..0x7fffffff, or 0xffffffff for unknown")
+CONFIG_DUPLEX_VALUE: Final = Rule(
+    "net.config.duplex.value", Level.MUST, sections.NET_CONFIG_DEVICE,
+    "duplex is 0x00 (half), 0x01 (full) or 0xff (unknown)")
+CONFIG_VALUE_RULES: Final[tuple[Rule, ...]] = (CONFIG_MTU_RANGE, CONFIG_MTU_MIN_1280, CONFIG_SPEED_RANGE,
+                                               CONFIG_DUPLEX_VALUE)
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,21 +235,17 @@ class NetDeviceState:
 def config_violations(state: NetDeviceState, offered: int) -> list[Violation]:
     """The device-side config rules (§5.1.4.1) that ``state``'s values break under ``offered``."""
     found = []
-    sec = sections.NET_CONFIG_DEVICE
     if _has(offered, uapi.VIRTIO_NET_F_MTU):
         if not 68 <= state.mtu <= 65535:
-            found.append(Violation("net.config.mtu.range", Level.MUST, sec,
-                                   f"mtu {state.mtu} outside 68..65535"))
+            found.append(CONFIG_MTU_RANGE.violation(f"mtu {state.mtu} outside 68..65535"))
         elif state.mtu < 1280:
-            found.append(Violation("net.config.mtu.min_1280", Level.SHOULD, sec,
-                                   f"mtu {state.mtu} below 1280"))
+            found.append(CONFIG_MTU_MIN_1280.violation(f"mtu {state.mtu} below 1280"))
     if _has(offered, uapi.VIRTIO_NET_F_SPEED_DUPLEX):
         if state.speed > SPEED_MAX and state.speed != SPEED_UNKNOWN:
-            found.append(Violation("net.config.speed.range", Level.MUST, sec,
-                                   f"speed {state.speed:#x} is neither 0..0x7fffffff nor 0xffffffff"))
+            found.append(CONFIG_SPEED_RANGE.violation(
+                f"speed {state.speed:#x} is neither 0..0x7fffffff nor 0xffffffff"))
         if state.duplex not in DUPLEX_VALUES:
-            found.append(Violation("net.config.duplex.value", Level.MUST, sec,
-                                   f"duplex {state.duplex:#x} is not 0x00, 0x01 or 0xff"))
+            found.append(CONFIG_DUPLEX_VALUE.violation(f"duplex {state.duplex:#x} is not 0x00, 0x01 or 0xff"))
     return found
 
 
@@ -331,7 +364,8 @@ class CtrlCommand:
     """One control command: class, command, the feature it needs, its payload and its effect.
 
     ``payload_len`` is the exact command-specific-data length (None: variable, checked by the
-    effect). ``effect`` returns the new state, or a string saying why the device answers ERR.
+    effect). ``effect`` returns the new state, or a string saying why the device answers ERR;
+    ``refuses_values`` says whether it ever does (so the command has a ``bad_value`` rule).
     ``driver_section`` is where the driver is forbidden to send it without ``feature``.
     """
 
@@ -343,6 +377,55 @@ class CtrlCommand:
     effect: Effect
     section: Section
     driver_section: Section
+    refuses_values: bool
+
+    def cases(self) -> tuple[CtrlCase, ...]:
+        """The cases this command can end in, so the rows of :data:`CTRL_RULES` it has."""
+        return tuple(case for case, applies in (
+            (CtrlCase.OK, True),
+            (CtrlCase.NOT_NEGOTIATED, True),
+            (CtrlCase.PAYLOAD_LENGTH, self.payload_len is not None),
+            (CtrlCase.BAD_VALUE, self.refuses_values),
+        ) if applies)
+
+    def answer(self, case: CtrlCase) -> CtrlRule:
+        """The device's answer in ``case`` (a row of :data:`CTRL_RULES`)."""
+        return CTRL_RULES[self.name, case, False]
+
+    def duty(self, case: CtrlCase) -> CtrlRule:
+        """The driver rule broken in the error ``case`` (a row of :data:`CTRL_RULES`)."""
+        return CTRL_RULES[self.name, case, True]
+
+
+class CtrlCase(enum.Enum):
+    """How a known control command ends; the value is the last part of its rule ids."""
+
+    OK = "ok"
+    NOT_NEGOTIATED = "not_negotiated"
+    PAYLOAD_LENGTH = "payload_length"
+    BAD_VALUE = "bad_value"
+
+
+@dataclass(frozen=True)
+class CtrlRule:
+    """One rule of one control command: the device's answer in a case (``driver`` False: OK
+    is MUST, ERR for a command the driver should not have sent is SHOULD), or the driver
+    rule that case breaks (``driver`` True, MUST). Ids: ``net.ctrl[.driver].<command>.<case>``."""
+
+    command: str
+    case: CtrlCase
+    driver: bool
+    level: Level
+    citation: Citation
+    summary: str
+
+    @property
+    def rule(self) -> str:
+        side = "driver." if self.driver else ""
+        return f"net.ctrl.{side}{self.command}.{self.case.value}"
+
+    def violation(self, detail: str) -> Violation:
+        return Violation(self.rule, self.level, self.citation, f"{self.summary}: {detail}")
 
 
 def _rx_flag(attr: str) -> Effect:
@@ -396,8 +479,9 @@ def _vq_pairs_set(state: NetDeviceState, payload: bytes) -> NetDeviceState | str
 
 
 def _cmd(name: str, cls: int, cmd: int, feature: int, payload_len: int | None, effect: Effect,
-         section: Section, driver_section: Section | None = None) -> CtrlCommand:
-    return CtrlCommand(name, cls, cmd, feature, payload_len, effect, section, driver_section or section)
+         section: Section, driver_section: Section | None = None, *, refuses_values: bool = True) -> CtrlCommand:
+    return CtrlCommand(name, cls, cmd, feature, payload_len, effect, section, driver_section or section,
+                       refuses_values)
 
 
 _RX, _MAC, _MQ = uapi.VIRTIO_NET_CTRL_RX, uapi.VIRTIO_NET_CTRL_MAC, uapi.VIRTIO_NET_CTRL_MQ
@@ -421,16 +505,51 @@ CTRL_COMMANDS: Final[Mapping[tuple[int, int], CtrlCommand]] = MappingProxyType({
          sections.NET_CTRL_MAC),
     # CTRL_MAC_ADDR is the feature "set MAC address through control channel" (§5.1.3).
     _cmd("MAC_ADDR_SET", _MAC, uapi.VIRTIO_NET_CTRL_MAC_ADDR_SET, uapi.VIRTIO_NET_F_CTRL_MAC_ADDR, MAC_LEN,
-         _mac_addr_set, sections.NET_CTRL_MAC, sections.NET_FEATURE_BITS),
+         _mac_addr_set, sections.NET_CTRL_MAC, sections.NET_FEATURE_BITS, refuses_values=False),
     _cmd("VLAN_ADD", uapi.VIRTIO_NET_CTRL_VLAN, uapi.VIRTIO_NET_CTRL_VLAN_ADD, uapi.VIRTIO_NET_F_CTRL_VLAN, 2,
          _vlan(True), NET_CTRL_VLAN),
     _cmd("VLAN_DEL", uapi.VIRTIO_NET_CTRL_VLAN, uapi.VIRTIO_NET_CTRL_VLAN_DEL, uapi.VIRTIO_NET_F_CTRL_VLAN, 2,
          _vlan(False), NET_CTRL_VLAN),
     _cmd("ANNOUNCE_ACK", uapi.VIRTIO_NET_CTRL_ANNOUNCE, uapi.VIRTIO_NET_CTRL_ANNOUNCE_ACK,
-         uapi.VIRTIO_NET_F_GUEST_ANNOUNCE, 0, _announce_ack, NET_CTRL_ANNOUNCE),
+         uapi.VIRTIO_NET_F_GUEST_ANNOUNCE, 0, _announce_ack, NET_CTRL_ANNOUNCE, refuses_values=False),
     _cmd("MQ_VQ_PAIRS_SET", _MQ, uapi.VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET, uapi.VIRTIO_NET_F_MQ, 2, _vq_pairs_set,
          NET_CTRL_MQ_STEERING),
 )})
+
+
+def _ctrl_rules(row: CtrlCommand) -> tuple[CtrlRule, ...]:
+    """The rows of one command: each case's answer and, for the error cases, the driver's duty."""
+    size = f"{row.payload_len} byte{'' if row.payload_len == 1 else 's'}"
+    errors = {  # case: (the driver's duty, where it is written, what breaking it means)
+        CtrlCase.NOT_NEGOTIATED: (f"{row.name} is sent only with feature bit {row.feature} negotiated",
+                                  row.driver_section, "sent without its feature negotiated"),
+        CtrlCase.PAYLOAD_LENGTH: (f"{row.name} carries exactly {size} of data", row.section,
+                                  f"with other than {size} of data"),
+        CtrlCase.BAD_VALUE: (f"{row.name} carries well-formed data with values the spec defines", row.section,
+                             "with malformed data or a value the spec does not define"),
+    }
+    found = []
+    for case in row.cases():
+        if case is CtrlCase.OK:
+            found.append(CtrlRule(row.name, case, False, Level.MUST, row.section,
+                                  f"{row.name}, negotiated and well formed, is applied and acked OK"))
+            continue
+        duty, driver_citation, breach = errors[case]
+        found.append(CtrlRule(row.name, case, False, Level.SHOULD, row.section,
+                              f"{row.name} {breach} is acked ERR and changes nothing"))
+        found.append(CtrlRule(row.name, case, True, Level.MUST, driver_citation, duty))
+    return tuple(found)
+
+
+_CTRL_RULE_ROWS: Final[tuple[CtrlRule, ...]] = tuple(r for row in CTRL_COMMANDS.values() for r in _ctrl_rules(row))
+
+#: Every rule of every known control command, keyed by (command name, case, is the driver's).
+CTRL_RULES: Final[Mapping[tuple[str, CtrlCase, bool], CtrlRule]] = MappingProxyType(
+    {(r.command, r.case, r.driver): r for r in _CTRL_RULE_ROWS})
+
+CTRL_UNKNOWN: Final = Rule(
+    "net.ctrl.unknown", Level.SHOULD, sections.NET_CONTROL_VQ,
+    "a class or command the device does not know is acked ERR and changes nothing")
 
 
 @dataclass(frozen=True)
@@ -457,25 +576,25 @@ def decide_ctrl(state: NetDeviceState, features: int, cls: int, cmd: int, payloa
     payload = bytes(payload)
     row = CTRL_COMMANDS.get((cls, cmd))
 
-    def err(rule: str, citation: Section, message: str,
-            driver_section: Section | None = None) -> CtrlDecision:
-        found = (Violation(f"net.ctrl.driver.{rule}", Level.MUST, driver_section or citation, message),)
-        return CtrlDecision(uapi.VIRTIO_NET_ERR, state, f"net.ctrl.{rule}", Level.SHOULD, citation, found)
-
     if row is None:
         # No driver rule forbids an unknown command outright; the device just cannot honour it.
-        return CtrlDecision(uapi.VIRTIO_NET_ERR, state, "net.ctrl.unknown", Level.SHOULD,
-                            sections.NET_CONTROL_VQ)
+        return CtrlDecision(uapi.VIRTIO_NET_ERR, state, CTRL_UNKNOWN.rule, CTRL_UNKNOWN.level, CTRL_UNKNOWN.citation)
+    command = row
+
+    def err(case: CtrlCase, message: str) -> CtrlDecision:
+        answer = command.answer(case)
+        found = (command.duty(case).violation(message),)
+        return CtrlDecision(uapi.VIRTIO_NET_ERR, state, answer.rule, answer.level, answer.citation, found)
+
     if not _has(features, row.feature):
-        return err(f"{row.name}.not_negotiated", row.section,
-                   f"{row.name} sent without feature bit {row.feature}", row.driver_section)
+        return err(CtrlCase.NOT_NEGOTIATED, f"{row.name} sent without feature bit {row.feature}")
     if row.payload_len is not None and len(payload) != row.payload_len:
-        return err(f"{row.name}.payload_length", row.section,
-                   f"{row.name} takes {row.payload_len} bytes of data, got {len(payload)}")
+        return err(CtrlCase.PAYLOAD_LENGTH, f"{row.name} takes {row.payload_len} bytes of data, got {len(payload)}")
     outcome = row.effect(state, payload)
     if isinstance(outcome, str):
-        return err(f"{row.name}.bad_value", row.section, outcome)
-    return CtrlDecision(uapi.VIRTIO_NET_OK, outcome, f"net.ctrl.{row.name}.ok", Level.MUST, row.section)
+        return err(CtrlCase.BAD_VALUE, outcome)
+    ok = row.answer(CtrlCase.OK)
+    return CtrlDecision(uapi.VIRTIO_NET_OK, outcome, ok.rule, ok.level, ok.citation)
 
 
 def apply_ctrl(state: NetDeviceState, features: int, cls: int, cmd: int,
@@ -501,6 +620,72 @@ GSO_FEATURES: Final[Mapping[int, tuple[tuple[int, ...], tuple[int, ...]]]] = Map
     _F.VIRTIO_NET_HDR_GSO_UDP_L4: ((_F.VIRTIO_NET_F_HOST_USO,),
                                    (_F.VIRTIO_NET_F_GUEST_USO4, _F.VIRTIO_NET_F_GUEST_USO6)),
 })
+
+
+# What the device does with a transmitted packet, and with a frame it cannot deliver.
+TX_SHORT_HEADER: Final = Rule(
+    "net.tx.short_header", Level.MUST, sections.NET_OPERATION,
+    "a transmit buffer too short for virtio_net_hdr_v1 is dropped")
+TX_INACTIVE_PAIR: Final = Rule(
+    "net.tx.inactive_pair", Level.MUST, NET_CTRL_MQ_STEERING,
+    "a packet on a transmitq beyond the enabled pairs is not transmitted")
+TX_GSO_NOT_NEGOTIATED: Final = Rule(
+    "net.tx.gso_not_negotiated", Level.SHOULD, NET_TRANSMIT_DRIVER,
+    "a GSO packet without its HOST_* feature or without NEEDS_CSUM is dropped")
+TX_GSO_NOT_RECEIVABLE: Final = Rule(
+    "net.tx.gso_not_receivable", Level.MUST, NET_RECEIVE_DEVICE,
+    "a GSO packet the receiving side did not negotiate (GUEST_*, GUEST_ECN) is not delivered as GSO: dropped")
+TX_OVER_MTU: Final = Rule(
+    "net.tx.over_mtu", Level.MUST, sections.NET_CONFIG_DEVICE,
+    "with MTU negotiated, a non-GSO frame longer than mtu plus the Ethernet header is not passed")
+TX_BAD_CSUM_OFFSETS: Final = Rule(
+    "net.tx.bad_csum_offsets", Level.SHOULD, NET_TRANSMIT_DEVICE,
+    "a NEEDS_CSUM packet whose checksum field lies outside the frame is dropped")
+TX_LOOPED_BACK: Final = Rule(
+    "net.tx.looped_back", Level.MUST, NET_TRANSMIT_DEVICE,
+    "a well-formed packet is transmitted: the loopback queues it for the receiveq of its pair")
+RX_INACTIVE_PAIR: Final = Rule(
+    "net.rx.inactive_pair", Level.MUST, NET_CTRL_MQ_STEERING,
+    "nothing is delivered on a receiveq beyond the enabled pairs")
+RX_TOO_BIG_FOR_BUFFER: Final = Rule(
+    "net.rx.too_big_for_buffer", Level.MUST, NET_RX_BUFFERS_DEVICE,
+    "without MRG_RXBUF a frame that does not fit the next buffer is dropped, never written past it")
+
+# What the driver must do on transmit (§5.1.6, §5.1.6.2.1).
+DRIVER_TX_SHORT_HEADER: Final = Rule(
+    "net.driver.tx.short_header", Level.MUST, sections.NET_OPERATION,
+    "every transmitted packet starts with virtio_net_hdr_v1")
+DRIVER_TX_NUM_BUFFERS: Final = Rule(
+    "net.driver.tx.num_buffers", Level.MUST, NET_TRANSMIT_DRIVER, "num_buffers is zero on transmit")
+DRIVER_TX_FLAGS: Final = Rule(
+    "net.driver.tx.flags", Level.MUST, NET_TRANSMIT_DRIVER, "only NEEDS_CSUM may be set in flags on transmit")
+DRIVER_TX_FLAGS_WITHOUT_CSUM: Final = Rule(
+    "net.driver.tx.flags_without_csum", Level.MUST, NET_TRANSMIT_DRIVER,
+    "NEEDS_CSUM is set only with VIRTIO_NET_F_CSUM negotiated")
+DRIVER_TX_INACTIVE_PAIR: Final = Rule(
+    "net.driver.tx.inactive_pair", Level.MUST, NET_TRANSMIT_DRIVER,
+    "the driver transmits only on the queue pairs it enabled")
+DRIVER_TX_GSO: Final = Rule(
+    "net.driver.tx.gso", Level.MUST, NET_TRANSMIT_DRIVER,
+    "a gso_type is set only with its HOST_* feature negotiated, and with NEEDS_CSUM")
+DRIVER_TX_MTU: Final = Rule(
+    "net.driver.tx.mtu", Level.MUST, NET_TRANSMIT_DRIVER,
+    "with MTU negotiated, a non-GSO frame is at most mtu plus the Ethernet header")
+DRIVER_TX_CSUM_OFFSETS: Final = Rule(
+    "net.driver.tx.csum_offsets", Level.MUST, NET_TRANSMIT_DRIVER,
+    "csum_start + csum_offset points at a checksum field inside the frame")
+
+TX_RULES: Final[tuple[Rule, ...]] = (TX_SHORT_HEADER, TX_INACTIVE_PAIR, TX_GSO_NOT_NEGOTIATED, TX_GSO_NOT_RECEIVABLE,
+                                     TX_OVER_MTU, TX_BAD_CSUM_OFFSETS, TX_LOOPED_BACK)
+RX_RULES: Final[tuple[Rule, ...]] = (RX_INACTIVE_PAIR, RX_TOO_BIG_FOR_BUFFER)
+DRIVER_TX_RULES: Final[tuple[Rule, ...]] = (
+    DRIVER_TX_SHORT_HEADER, DRIVER_TX_NUM_BUFFERS, DRIVER_TX_FLAGS, DRIVER_TX_FLAGS_WITHOUT_CSUM,
+    DRIVER_TX_INACTIVE_PAIR, DRIVER_TX_GSO, DRIVER_TX_MTU, DRIVER_TX_CSUM_OFFSETS)
+
+#: Every rule of this module.
+RULES: Final[tuple[Rule | CtrlRule, ...]] = (
+    *NET_CONFIG_LAYOUT.rules, *CONFIG_VALUE_RULES, *_CTRL_RULE_ROWS, CTRL_UNKNOWN, *TX_RULES, *RX_RULES,
+    *DRIVER_TX_RULES)
 
 
 @dataclass(frozen=True)
@@ -598,50 +783,49 @@ class LoopbackNet:
         return decision
 
     # -- transmit --------------------------------------------------------------------------
-    def _drop_tx(self, rule: str, level: Level, citation: Citation, found: list[Violation]) -> TxOutcome:
-        return TxOutcome(False, f"net.tx.{rule}", level, citation, tuple(found))
+    def _drop_tx(self, rule: Rule, found: list[Violation]) -> TxOutcome:
+        return TxOutcome(False, rule.rule, rule.level, rule.citation, tuple(found))
 
     def transmit(self, pair: int, packet: bytes) -> TxOutcome:
         """The driver places ``packet`` (virtio_net_hdr_v1 + frame) on transmitq ``pair``."""
         self._check_pair(pair)
         feats = self.features
         if len(packet) < HDR_SIZE:
-            return self._drop_tx("short_header", Level.MUST, sections.NET_OPERATION, [Violation(
-                "net.driver.tx.short_header", Level.MUST, sections.NET_OPERATION,
+            return self._drop_tx(TX_SHORT_HEADER, [DRIVER_TX_SHORT_HEADER.violation(
                 f"transmit buffer of {len(packet)} bytes cannot hold the {HDR_SIZE}-byte header")])
         hdr = NetHdr.decode(packet)
         frame = bytes(packet[HDR_SIZE:])
         found: list[Violation] = []
 
-        def driver(rule: str, message: str) -> None:
-            found.append(Violation(f"net.driver.tx.{rule}", Level.MUST, NET_TRANSMIT_DRIVER, message))
+        def driver(rule: Rule, message: str) -> None:
+            found.append(rule.violation(message))
 
         if hdr.num_buffers:
-            driver("num_buffers", "num_buffers must be zero on transmit")
+            driver(DRIVER_TX_NUM_BUFFERS, "num_buffers must be zero on transmit")
         if hdr.flags & ~_NEEDS_CSUM:
-            driver("flags", "DATA_VALID / RSC_INFO set on transmit")
+            driver(DRIVER_TX_FLAGS, "DATA_VALID / RSC_INFO set on transmit")
         needs_csum = bool(hdr.flags & _NEEDS_CSUM)
         if needs_csum and not _has(feats, uapi.VIRTIO_NET_F_CSUM):
-            driver("flags_without_csum", "NEEDS_CSUM set without VIRTIO_NET_F_CSUM")
+            driver(DRIVER_TX_FLAGS_WITHOUT_CSUM, "NEEDS_CSUM set without VIRTIO_NET_F_CSUM")
             needs_csum = False  # the device treats the packet as fully checksummed
         if pair > self.active_pairs:
-            driver("inactive_pair", f"transmitq{pair} used with only {self.active_pairs} pair(s) enabled")
-            return self._drop_tx("inactive_pair", Level.MUST, NET_CTRL_MQ_STEERING, found)
+            driver(DRIVER_TX_INACTIVE_PAIR, f"transmitq{pair} used with only {self.active_pairs} pair(s) enabled")
+            return self._drop_tx(TX_INACTIVE_PAIR, found)
         gso = hdr.gso_type & ~_ECN
         if gso != uapi.VIRTIO_NET_HDR_GSO_NONE:
             host, guest = GSO_FEATURES.get(gso, ((), ()))
             if not any(_has(feats, b) for b in host) or not needs_csum:
-                driver("gso", f"gso_type {hdr.gso_type:#x} without its HOST_* feature or without NEEDS_CSUM")
-                return self._drop_tx("gso_not_negotiated", Level.SHOULD, NET_TRANSMIT_DRIVER, found)
+                driver(DRIVER_TX_GSO, f"gso_type {hdr.gso_type:#x} without its HOST_* feature or without NEEDS_CSUM")
+                return self._drop_tx(TX_GSO_NOT_NEGOTIATED, found)
             ecn_ok = not hdr.gso_type & _ECN or _has(feats, uapi.VIRTIO_NET_F_GUEST_ECN)
             if not any(_has(feats, b) for b in guest) or not ecn_ok:
-                return self._drop_tx("gso_not_receivable", Level.MUST, NET_RECEIVE_DEVICE, found)
+                return self._drop_tx(TX_GSO_NOT_RECEIVABLE, found)
         elif (_has(feats, uapi.VIRTIO_NET_F_MTU) and len(frame) > self.state.mtu + ETH_HLEN):
-            driver("mtu", f"frame of {len(frame)} bytes exceeds mtu {self.state.mtu} + {ETH_HLEN}")
-            return self._drop_tx("over_mtu", Level.MUST, sections.NET_CONFIG_DEVICE, found)
+            driver(DRIVER_TX_MTU, f"frame of {len(frame)} bytes exceeds mtu {self.state.mtu} + {ETH_HLEN}")
+            return self._drop_tx(TX_OVER_MTU, found)
         if needs_csum and hdr.csum_start + hdr.csum_offset + 2 > len(frame):
-            driver("csum_offsets", "csum_start + csum_offset points outside the frame")
-            return self._drop_tx("bad_csum_offsets", Level.SHOULD, NET_TRANSMIT_DEVICE, found)
+            driver(DRIVER_TX_CSUM_OFFSETS, "csum_start + csum_offset points outside the frame")
+            return self._drop_tx(TX_BAD_CSUM_OFFSETS, found)
         if needs_csum and _has(feats, uapi.VIRTIO_NET_F_GUEST_CSUM):
             rx_hdr = NetHdr(_NEEDS_CSUM, hdr.gso_type, hdr.hdr_len if gso else 0, hdr.gso_size if gso else 0,
                             hdr.csum_start, hdr.csum_offset)
@@ -650,7 +834,7 @@ class LoopbackNet:
                 frame = complete_checksum(frame, hdr.csum_start, hdr.csum_offset)
             rx_hdr = NetHdr()
         self._pending[pair].append(_Pending(rx_hdr, frame))
-        return TxOutcome(True, "net.tx.looped_back", Level.MUST, NET_TRANSMIT_DEVICE, tuple(found))
+        return TxOutcome(True, TX_LOOPED_BACK.rule, TX_LOOPED_BACK.level, TX_LOOPED_BACK.citation, tuple(found))
 
     # -- receive ---------------------------------------------------------------------------
     def post_rx(self, pair: int, buffer_id: int, length: int) -> None:
@@ -670,8 +854,8 @@ class LoopbackNet:
         pending, posted = self._pending[pair], self._rx[pair]
         if pair > self.active_pairs:
             while pending:
-                events.append(RxDrop(pair, pending.popleft().frame, "net.rx.inactive_pair", Level.MUST,
-                                     NET_CTRL_MQ_STEERING))
+                events.append(RxDrop(pair, pending.popleft().frame, RX_INACTIVE_PAIR.rule, RX_INACTIVE_PAIR.level,
+                                     RX_INACTIVE_PAIR.citation))
             return tuple(events)
         mrg = _has(self.features, uapi.VIRTIO_NET_F_MRG_RXBUF)
         while pending and posted:
@@ -681,8 +865,8 @@ class LoopbackNet:
                 buffer_id, length = posted[0]
                 pending.popleft()
                 if length < total:
-                    events.append(RxDrop(pair, item.frame, "net.rx.too_big_for_buffer", Level.MUST,
-                                         NET_RX_BUFFERS_DEVICE))
+                    events.append(RxDrop(pair, item.frame, RX_TOO_BIG_FOR_BUFFER.rule, RX_TOO_BIG_FOR_BUFFER.level,
+                                         RX_TOO_BIG_FOR_BUFFER.citation))
                     continue
                 posted.popleft()
                 data = replace(item.header, num_buffers=1).encode() + item.frame

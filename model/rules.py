@@ -1,7 +1,8 @@
 """One catalog of every rule the model encodes, gathered from the tables of each module.
 
 Each module keeps its rules where they are used (the feature dependency rows in
-:mod:`.features`, the status rules in :mod:`.status`, the bad-input table in :mod:`.chains`, ...);
+:mod:`.features`, the status rules in :mod:`.status`, the bad-input table in :mod:`.chains`,
+the ``RULES`` of the ring, config and device-type modules, ...);
 this module only reads those tables, so the catalog can never list a rule the model does
 not check, nor miss one it does. Rule ids are stable, dotted and lower-case after the area
 prefix (``net.MQ.requires`` keeps the spec's feature name); reports and target quirks refer to them.
@@ -15,7 +16,20 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final, Protocol
 
-from . import chains, features, iotlb, notify, status, vdpa_device, vhost_vdpa
+from . import (
+    blk,
+    chains,
+    config_space,
+    features,
+    iotlb,
+    net,
+    notify,
+    status,
+    vdpa_device,
+    vhost_vdpa,
+    vring_packed,
+    vring_split,
+)
 from .spec import Citation, ErrnoRule, Level, Rule
 
 RULE_ID: Final = re.compile(r"^[a-z0-9_]+(\.[A-Za-z0-9_]+)+$")
@@ -72,6 +86,11 @@ def catalog() -> tuple[CatalogEntry, ...]:
         *_entries("chains", chains.DEVICE_OBLIGATIONS),
         *_entries("chains", chains.BAD_INPUTS.values()),
         *_entries("notify", notify.NOTIFY_RULES),
+        *_entries("vring_split", vring_split.RULES),
+        *_entries("vring_packed", vring_packed.RULES),
+        *_entries("config_space", config_space.RULES),
+        *_entries("net", net.RULES),
+        *_entries("blk", blk.RULES),
     ]
     for module in (iotlb, vdpa_device, vhost_vdpa):
         entries += _entries(module.__name__.rsplit(".", 1)[-1], _module_rules(module))

@@ -52,7 +52,7 @@ from .chains import (
 from .guest_memory import IDENTITY, ModelMemory, Translator
 from .notify import Direction, NotifyRule, RingPosition, packed_notification
 from .ring_index import PackedVqState
-from .spec import Level, Section, Violation
+from .spec import Level, Rule, Section, Violation
 
 DESC_F_AVAIL: Final = 1 << VRING_PACKED_DESC_F_AVAIL
 DESC_F_USED: Final = 1 << VRING_PACKED_DESC_F_USED
@@ -62,20 +62,50 @@ EVENT_SUPPRESS_SIZE: Final = 4
 PACKED_LAYOUT: Final = Section("2.8.10.1", "Structure Size and Alignment")
 PACKED_DRIVER: Final = Section("2.8.11", "Driver Requirements: Virtqueues")
 
+# Layout rules: checked by :func:`packed_ring_violations`.
+QUEUE_SIZE: Final = Rule(
+    "ring.packed.queue_size", Level.MUST, sections.PACKED_VIRTQUEUES,
+    f"a packed queue size is in 1..{VIRTQUEUE_MAX_SIZE} (not only powers of 2)")
+DESC_ALIGNMENT: Final = Rule(
+    "ring.packed.descriptor_ring.alignment", Level.MUST, PACKED_DRIVER,
+    f"the descriptor ring is {VRING_DESC_ALIGN_SIZE}-byte aligned")
+DRIVER_EVENT_ALIGNMENT: Final = Rule(
+    "ring.packed.driver_event_suppression.alignment", Level.MUST, PACKED_DRIVER,
+    f"the driver event suppression structure is {EVENT_SUPPRESS_ALIGN}-byte aligned")
+DEVICE_EVENT_ALIGNMENT: Final = Rule(
+    "ring.packed.device_event_suppression.alignment", Level.MUST, PACKED_DRIVER,
+    f"the device event suppression structure is {EVENT_SUPPRESS_ALIGN}-byte aligned")
+
+# What a conforming device never does (raised as DeviceRuleBroken by PackedDeviceModel).
+DEVICE_USED_DESCRIPTOR: Final = Rule(
+    "ring.packed.device.used_descriptor", Level.MUST, sections.PACKED_DEVICE,
+    "a used descriptor names the Buffer ID of a list the device holds")
+DEVICE_USED_LENGTH: Final = Rule(
+    "ring.packed.device.used_length", Level.MUST, sections.PACKED_DESC_TABLE_DEVICE,
+    "a used descriptor's len is at most the list's writable bytes")
+DEVICE_IN_ORDER: Final = Rule(
+    "ring.packed.device.in_order", Level.MUST, sections.PACKED_IN_ORDER,
+    "with VIRTIO_F_IN_ORDER lists are used in the order they were made available")
+DEVICE_EVENT_FLAGS: Final = Rule(
+    "ring.packed.device.event_flags", Level.MUST, sections.PACKED_EVENT_SUPPRESSION,
+    "the device sets RING_EVENT_FLAGS_DESC only with VIRTIO_F_EVENT_IDX negotiated")
+
+#: Every rule of this module.
+RULES: Final[tuple[Rule, ...]] = (QUEUE_SIZE, DESC_ALIGNMENT, DRIVER_EVENT_ALIGNMENT, DEVICE_EVENT_ALIGNMENT,
+                                  DEVICE_USED_DESCRIPTOR, DEVICE_USED_LENGTH, DEVICE_IN_ORDER, DEVICE_EVENT_FLAGS)
+
 
 def packed_ring_violations(num: int, desc: int, driver: int, device: int) -> list[Violation]:
     """The layout rules a packed ring description breaks: size 1..32768 (any, not only powers
     of 2), descriptor ring 16-aligned, both event suppression structures 4-aligned."""
     found: list[Violation] = []
     if not 1 <= num <= VIRTQUEUE_MAX_SIZE:
-        found.append(Violation("ring.packed.queue_size", Level.MUST, sections.PACKED_VIRTQUEUES,
-                               f"queue size {num} is not in 1..{VIRTQUEUE_MAX_SIZE}"))
-    for name, addr, align in (("descriptor ring", desc, VRING_DESC_ALIGN_SIZE),
-                              ("driver event suppression", driver, EVENT_SUPPRESS_ALIGN),
-                              ("device event suppression", device, EVENT_SUPPRESS_ALIGN)):
+        found.append(QUEUE_SIZE.violation(f"queue size {num} is not in 1..{VIRTQUEUE_MAX_SIZE}"))
+    for name, addr, align, rule in (("descriptor ring", desc, VRING_DESC_ALIGN_SIZE, DESC_ALIGNMENT),
+                                    ("driver event suppression", driver, EVENT_SUPPRESS_ALIGN, DRIVER_EVENT_ALIGNMENT),
+                                    ("device event suppression", device, EVENT_SUPPRESS_ALIGN, DEVICE_EVENT_ALIGNMENT)):
         if addr % align:
-            found.append(Violation(f"ring.packed.{name.replace(' ', '_')}.alignment", Level.MUST, PACKED_DRIVER,
-                                   f"{name} at {addr:#x} is not {align}-byte aligned"))
+            found.append(rule.violation(f"{name} at {addr:#x} is not {align}-byte aligned"))
     return found
 
 
@@ -360,14 +390,14 @@ class PackedDeviceModel:
         for buffer_id, written in items:
             chain = next((c for c in remaining if c.id == buffer_id), None)
             if chain is None:
-                raise DeviceRuleBroken(Violation("ring.packed.device.used_descriptor", Level.MUST, sections.PACKED_DEVICE,
-                                                 f"Buffer ID {buffer_id} is not a list the device holds"))
+                raise DeviceRuleBroken(DEVICE_USED_DESCRIPTOR.violation(
+                    f"Buffer ID {buffer_id} is not a list the device holds"))
             if not 0 <= written <= chain.writable_len:
-                raise DeviceRuleBroken(Violation("ring.packed.device.used_length", Level.MUST, sections.PACKED_DESC_TABLE_DEVICE,
-                                                 f"len {written} exceeds {chain.writable_len} writable bytes"))
+                raise DeviceRuleBroken(DEVICE_USED_LENGTH.violation(
+                    f"len {written} exceeds {chain.writable_len} writable bytes"))
             if self.in_order and remaining[0] is not chain:
-                raise DeviceRuleBroken(Violation("ring.packed.device.in_order", Level.MUST, sections.PACKED_IN_ORDER,
-                                                 f"Buffer ID {buffer_id} used before {remaining[0].id}"))
+                raise DeviceRuleBroken(DEVICE_IN_ORDER.violation(
+                    f"Buffer ID {buffer_id} used before {remaining[0].id}"))
             remaining.remove(chain)
         old = RingPosition(self.state.last_used_idx, self.state.last_used_counter)
         for buffer_id, written in items:
@@ -401,8 +431,7 @@ class PackedDeviceModel:
     def set_device_event(self, event: EventSuppress) -> ChainFault | None:
         """Write the device event suppression structure (DESC needs EVENT_IDX, §2.8.10)."""
         if event.flags & 0x3 == 0x2 and not self.event_idx:
-            raise DeviceRuleBroken(Violation("ring.packed.device.event_flags", Level.MUST,
-                                             sections.PACKED_EVENT_SUPPRESSION,
-                                             "RING_EVENT_FLAGS_DESC is only valid with VIRTIO_F_EVENT_IDX"))
+            raise DeviceRuleBroken(DEVICE_EVENT_FLAGS.violation(
+                "RING_EVENT_FLAGS_DESC is only valid with VIRTIO_F_EVENT_IDX"))
         return (self._io.write(self.ring.device, 2, event.off_wrap, "device event off_wrap")
                 or self._io.write(self.ring.device + 2, 2, event.flags, "device event flags"))

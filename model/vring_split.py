@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Final
 
 from vdpacert.uapi.virtio_config import VIRTIO_F_IN_ORDER
 from vdpacert.uapi.virtio_ring import (
@@ -49,21 +50,51 @@ from .chains import (
 from .guest_memory import IDENTITY, ModelMemory, Translator
 from .notify import Direction, NotifyRule, split_notification
 from .ring_index import split_inflight, u16
-from .spec import Level, Violation
+from .spec import Level, Rule, Violation
+
+# Layout rules (§2.7, §2.7.1): checked by :func:`split_ring_violations`.
+QUEUE_SIZE: Final = Rule(
+    "ring.split.queue_size", Level.MUST, sections.SPLIT_VIRTQUEUES,
+    f"a split queue size is a power of 2 in 1..{VIRTQUEUE_MAX_SIZE}")
+DESC_ALIGNMENT: Final = Rule(
+    "ring.split.descriptor_table.alignment", Level.MUST, sections.SPLIT_DRIVER,
+    f"the descriptor table is {VRING_DESC_ALIGN_SIZE}-byte aligned")
+AVAIL_ALIGNMENT: Final = Rule(
+    "ring.split.available_ring.alignment", Level.MUST, sections.SPLIT_DRIVER,
+    f"the available ring is {VRING_AVAIL_ALIGN_SIZE}-byte aligned")
+USED_ALIGNMENT: Final = Rule(
+    "ring.split.used_ring.alignment", Level.MUST, sections.SPLIT_DRIVER,
+    f"the used ring is {VRING_USED_ALIGN_SIZE}-byte aligned")
+
+# What a conforming device never does (raised as DeviceRuleBroken by SplitDeviceModel).
+DEVICE_USED_RING: Final = Rule(
+    "ring.split.device.used_ring", Level.MUST, sections.SPLIT_USED_RING_DEVICE,
+    "a used entry names a chain the device holds, with len at most its writable bytes")
+DEVICE_IN_ORDER: Final = Rule(
+    "ring.split.device.in_order", Level.MUST, sections.SPLIT_IN_ORDER,
+    "with VIRTIO_F_IN_ORDER chains are used in the order they were made available")
+DEVICE_AVAIL_EVENT: Final = Rule(
+    "ring.split.device.avail_event", Level.MUST, sections.SPLIT_AVAIL_SUPPRESSION,
+    "the device writes avail_event only with VIRTIO_F_EVENT_IDX negotiated")
+DEVICE_USED_FLAGS: Final = Rule(
+    "ring.split.device.used_flags", Level.MUST, sections.SPLIT_AVAIL_SUPPRESSION,
+    "with VIRTIO_F_EVENT_IDX negotiated the device keeps used flags 0")
+
+#: Every rule of this module.
+RULES: Final[tuple[Rule, ...]] = (QUEUE_SIZE, DESC_ALIGNMENT, AVAIL_ALIGNMENT, USED_ALIGNMENT, DEVICE_USED_RING,
+                                  DEVICE_IN_ORDER, DEVICE_AVAIL_EVENT, DEVICE_USED_FLAGS)
 
 
 def split_ring_violations(num: int, desc: int, avail: int, used: int) -> list[Violation]:
     """The layout rules of §2.7 and §2.7.1 a split ring description breaks (empty if none)."""
     found: list[Violation] = []
     if not 1 <= num <= VIRTQUEUE_MAX_SIZE or num & (num - 1):
-        found.append(Violation("ring.split.queue_size", Level.MUST, sections.SPLIT_VIRTQUEUES,
-                               f"queue size {num} is not a power of 2 in 1..{VIRTQUEUE_MAX_SIZE}"))
-    for name, addr, align in (("descriptor table", desc, VRING_DESC_ALIGN_SIZE),
-                              ("available ring", avail, VRING_AVAIL_ALIGN_SIZE),
-                              ("used ring", used, VRING_USED_ALIGN_SIZE)):
+        found.append(QUEUE_SIZE.violation(f"queue size {num} is not a power of 2 in 1..{VIRTQUEUE_MAX_SIZE}"))
+    for name, addr, align, rule in (("descriptor table", desc, VRING_DESC_ALIGN_SIZE, DESC_ALIGNMENT),
+                                    ("available ring", avail, VRING_AVAIL_ALIGN_SIZE, AVAIL_ALIGNMENT),
+                                    ("used ring", used, VRING_USED_ALIGN_SIZE, USED_ALIGNMENT)):
         if addr % align:
-            found.append(Violation(f"ring.split.{name.replace(' ', '_')}.alignment", Level.MUST, sections.SPLIT_DRIVER,
-                                   f"{name} at {addr:#x} is not {align}-byte aligned"))
+            found.append(rule.violation(f"{name} at {addr:#x} is not {align}-byte aligned"))
     return found
 
 
@@ -370,8 +401,8 @@ class SplitDeviceModel:
     def write_allowed(self, iova: int, length: int) -> bool:
         return any(r.covers(iova, length) for r in self.may_write())
 
-    def _broken(self, message: str, level: Level = Level.MUST) -> DeviceRuleBroken:
-        return DeviceRuleBroken(Violation("ring.split.device.used_ring", level, sections.SPLIT_USED_RING_DEVICE, message))
+    def _broken(self, message: str) -> DeviceRuleBroken:
+        return DeviceRuleBroken(DEVICE_USED_RING.violation(message))
 
     def complete(self, head: int, written: int) -> NotifyRule | ChainFault:
         return self.complete_batch([(head, written)])
@@ -392,8 +423,7 @@ class SplitDeviceModel:
             if not 0 <= written <= chain.writable_len:
                 raise self._broken(f"len {written} for chain {head} exceeds its {chain.writable_len} writable bytes")
             if self.in_order and remaining[0] is not chain:
-                raise DeviceRuleBroken(Violation("ring.split.device.in_order", Level.MUST, sections.SPLIT_IN_ORDER,
-                                                 f"chain {head} used before chain {remaining[0].head}"))
+                raise DeviceRuleBroken(DEVICE_IN_ORDER.violation(f"chain {head} used before chain {remaining[0].head}"))
             remaining.remove(chain)
         old = self.used_idx
         for head, written in items:
@@ -424,14 +454,13 @@ class SplitDeviceModel:
     def set_avail_event(self, value: int) -> ChainFault | None:
         """Ask for a kick once avail ``idx`` passes ``value`` (EVENT_IDX only, §2.7.10.2)."""
         if not self.event_idx:
-            raise DeviceRuleBroken(Violation("ring.split.device.avail_event", Level.MUST, sections.SPLIT_AVAIL_SUPPRESSION,
-                                             "avail_event is only written with VIRTIO_F_EVENT_IDX"))
+            raise DeviceRuleBroken(DEVICE_AVAIL_EVENT.violation("avail_event is only written with VIRTIO_F_EVENT_IDX"))
         return self._io.write(self.ring.avail_event, 2, u16(value), "avail_event")
 
     def set_no_notify(self, suppress: bool) -> ChainFault | None:
         """VRING_USED_F_NO_NOTIFY; with EVENT_IDX the device MUST keep flags 0 (§2.7.10.2)."""
         if suppress and self.event_idx:
-            raise DeviceRuleBroken(Violation("ring.split.device.used_flags", Level.MUST, sections.SPLIT_AVAIL_SUPPRESSION,
-                                             "with VIRTIO_F_EVENT_IDX the device MUST set used flags to 0"))
+            raise DeviceRuleBroken(DEVICE_USED_FLAGS.violation(
+                "with VIRTIO_F_EVENT_IDX the device MUST set used flags to 0"))
         return self._io.write(self.ring.used_flags, 2, int(suppress), "used.flags")
 

@@ -114,7 +114,7 @@ def test_flush_ok_when_negotiated_unsupp_otherwise() -> None:
 
 def test_flush_with_sector_flags_driver() -> None:
     out = disk().execute(build_request(vb.VIRTIO_BLK_T_FLUSH, 5), [1], ALL)
-    assert out.status == OK and out.level is Level.SHOULD
+    assert out.status == OK and out.level is Level.SHOULD and out.rule == "blk.FLUSH.ok_nonzero_sector"
     assert [v.rule for v in out.driver_violations] == ["blk.driver.flush_sector"]
 
 

@@ -12,13 +12,15 @@ from hypothesis import strategies as st
 from vdpacert.model import sections
 from vdpacert.model.blk import BLK_CONFIG_LAYOUT, BlkConfig
 from vdpacert.model.config_space import (
+    READ_ABSENT_FIELD,
     ConfigAccessError,
     ConfigField,
+    ConfigWriteRules,
     Presence,
     build_layout,
 )
 from vdpacert.model.net import NET_CONFIG_LAYOUT, NetDeviceState
-from vdpacert.model.spec import Level
+from vdpacert.model.spec import Level, Rule
 from vdpacert.uapi import virtio_blk as vb
 from vdpacert.uapi import virtio_net as vn
 
@@ -68,14 +70,59 @@ def test_blk_layout_offsets_match_uapi() -> None:
     assert all(a[1] == b[0] for a, b in itertools.pairwise(covered))
 
 
+def _write_rules(device: str) -> ConfigWriteRules:
+    sec = sections.NET_CONFIG
+    return ConfigWriteRules(*(Rule(f"{device}.config.driver_write.{what}", Level.MUST, sec, what)
+                              for what in ("unmapped", "read_only", "partial")))
+
+
 def test_overlapping_layout_is_refused() -> None:
     sec = sections.NET_CONFIG
     with pytest.raises(ConfigAccessError, match="overlaps"):
         build_layout("x", 8, sec, (ConfigField("a", 0, 4, sec), ConfigField("b", 2, 4, sec)),
-                     driver_write_level=Level.MUST, driver_write_section=sec)
+                     write_rules=_write_rules("x"))
     with pytest.raises(ConfigAccessError, match="past size"):
-        build_layout("x", 4, sec, (ConfigField("a", 0, 8, sec),),
-                     driver_write_level=Level.MUST, driver_write_section=sec)
+        build_layout("x", 4, sec, (ConfigField("a", 0, 8, sec),), write_rules=_write_rules("x"))
+
+
+def test_layout_rules_are_named_for_their_device() -> None:
+    sec = sections.NET_CONFIG
+    with pytest.raises(ConfigAccessError, match=r"not a x\.config rule"):
+        build_layout("x", 4, sec, (ConfigField("a", 0, 4, sec),), write_rules=_write_rules("y"))
+    assert build_layout("x", 4, sec, (), write_rules=_write_rules("x")).rules == tuple(_write_rules("x"))
+    rule = Rule("x.config.a.write", Level.MUST, sec, "a is writable")
+    with pytest.raises(ConfigAccessError, match="writable"):
+        ConfigField("a", 0, 4, sec, writable_if=3)
+    with pytest.raises(ConfigAccessError, match="writable"):
+        ConfigField("a", 0, 4, sec, write_rule=rule)
+    with pytest.raises(ConfigAccessError, match="allowed_writes"):
+        ConfigField("a", 0, 4, sec, allowed_writes=frozenset({0}))
+    assert ConfigField("a", 0, 4, sec, writable_if=3, write_rule=rule).rules == (rule,)
+    assert [r.rule for r in BLK_CONFIG_LAYOUT.rules] == [
+        "blk.config.driver_write.unmapped", "blk.config.driver_write.read_only",
+        "blk.config.writeback.read_before_features_ok", "blk.config.writeback.value", "blk.config.writeback.write"]
+    assert [r.rule for r in NET_CONFIG_LAYOUT.rules] == ["net.config.driver_write.unmapped",
+                                                         "net.config.driver_write.read_only"]
+    assert [r.level for r in NET_CONFIG_LAYOUT.rules] == [Level.MUST] * 2
+    unwritable = ConfigWriteRules(*tuple(_write_rules("x"))[:2])
+    with pytest.raises(ConfigAccessError, match="partial"):
+        build_layout("x", 4, sec, (ConfigField("a", 0, 4, sec, writable_if=0, write_rule=rule),),
+                     write_rules=unwritable)
+    assert build_layout("x", 4, sec, (ConfigField("a", 0, 1, sec, writable_if=0, write_rule=rule),),
+                        write_rules=unwritable).rules == (*unwritable, rule)
+
+
+def test_partial_and_unmapped_writes_name_their_rules() -> None:
+    sec = sections.NET_CONFIG
+    rule = Rule("x.config.a.write", Level.MUST, sec, "a is writable")
+    lay = build_layout("x", 8, sec, (ConfigField("a", 0, 2, sec, writable_if=0, write_rule=rule),),
+                       write_rules=_write_rules("x"))
+    raw = bytes(8)
+    assert lay.write(raw, 0, b"\x01\x02", negotiated=1).rule == "x.config.a.write"
+    half = lay.write(raw, 1, b"\x01", negotiated=1)
+    assert not half.accepted and half.rule == "x.config.driver_write.partial" and half.config_after == raw
+    gap = lay.write(raw, 4, b"\x01", negotiated=1)
+    assert not gap.accepted and gap.rule == "x.config.driver_write.unmapped"
 
 
 # -- rendering --------------------------------------------------------------------------------
@@ -173,6 +220,7 @@ def test_read_of_absent_field_breaks_driver_rule() -> None:
     assert got.undefined_fields == ("mtu",) and not got.fully_defined
     [v] = got.violations
     assert v.level is Level.MUST and v.citation == sections.CONFIG_SPACE_DRIVER
+    assert v.rule == READ_ABSENT_FIELD.rule == "config.driver.read_absent_field" and "mtu" in v.message
 
 
 def test_read_outside_config_is_refused() -> None:
@@ -209,9 +257,10 @@ def test_blk_writeback_writable_only_with_config_wce() -> None:
     wce = bit(vb.VIRTIO_BLK_F_CONFIG_WCE, vb.VIRTIO_BLK_F_FLUSH)
     ok = BLK_CONFIG_LAYOUT.write(raw, 32, b"\x01", negotiated=wce)
     assert ok.accepted and ok.config_after[32] == 1 and ok.config_after[:32] == raw[:32]
+    assert ok.rule == "blk.config.writeback.write"
     refused = BLK_CONFIG_LAYOUT.write(raw, 32, b"\x01", negotiated=bit(vb.VIRTIO_BLK_F_FLUSH))
     assert not refused.accepted and refused.config_after == raw
-    assert refused.rule == "blk.config.writeback.read_only"
+    assert refused.rule == "blk.config.driver_write.read_only" and "writeback" in refused.violations[0].message
 
 
 def test_blk_writeback_rejects_undefined_value_and_neighbours() -> None:
@@ -221,6 +270,7 @@ def test_blk_writeback_rejects_undefined_value_and_neighbours() -> None:
     assert not bad.accepted and bad.violations[0].rule == "blk.config.writeback.value"
     spill = BLK_CONFIG_LAYOUT.write(raw, 32, b"\x01\x00", negotiated=wce)  # also hits unused0
     assert not spill.accepted and spill.config_after == raw
+    assert [v.rule for v in spill.violations] == ["blk.config.driver_write.read_only"]  # unused0
     cap = BLK_CONFIG_LAYOUT.write(raw, 0, bytes(8), negotiated=wce)
     assert not cap.accepted and cap.violations[0].level is Level.SHOULD
 

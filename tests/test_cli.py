@@ -80,3 +80,17 @@ def test_no_command_prints_help_and_exits_2() -> None:
     result = run()
     assert result.returncode == 2
     assert "features" in result.stderr
+
+
+def test_rules_lists_the_catalog_with_citations(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["rules", "5.1.3.1"]) == 0
+    out = capsys.readouterr().out
+    assert "net.MQ.requires" in out and "§5.1.3.1" in out
+    assert "status.driver" not in out
+
+
+def test_rules_filters_by_level(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["rules", "--level", "SHOULD", "net.HASH_REPORT"]) == 0
+    out = capsys.readouterr().out
+    assert "net.HASH_REPORT.requires" in out
+    assert out.strip().endswith("1 rule(s)")

@@ -12,10 +12,10 @@ import sys
 from collections.abc import Callable, Sequence
 
 from ._version import __version__
-from .commands import features
+from .commands import features, rules
 
 #: Modules contributing subcommands, in the order ``--help`` lists them.
-COMMAND_MODULES = (features,)
+COMMAND_MODULES = (features, rules)
 
 Handler = Callable[[argparse.Namespace], int]
 

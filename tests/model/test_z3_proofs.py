@@ -193,7 +193,7 @@ def test_a_mask_wider_than_a_wrapped_value_is_refused_not_guessed() -> None:
     explorer = Explorer()
     x, y = _const(explorer, 0, 21), _const(explorer, 1, 21)
     with pytest.raises(SymbolicUnsupported):
-        _single_outcome(lambda: (x - y) & 2**21).outcome
+        _ = _single_outcome(lambda: (x - y) & 2**21).outcome
 
 
 # c stays below 2^21: masks are never wider than the 21-bit values they mask (see the test above).

@@ -62,14 +62,18 @@ def extensions() -> list[Extension]:
         flags = [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-g"]
         compile_args = ["-O1", *flags]
         link_args = flags
+    #: (package, folder) of every package with Cython modules: the reference implementation, and
+    #: the benchmark's C baseline.
+    compiled = (("vdpacert.impl", "impl"), ("vdpacert.bench", "src/vdpacert/bench"))
     modules = [
         Extension(
-            f"vdpacert.impl.{pyx.stem}",
-            [f"impl/{pyx.name}"],
+            f"{package}.{pyx.stem}",
+            [f"{folder}/{pyx.name}"],
             extra_compile_args=compile_args,
             extra_link_args=link_args,
         )
-        for pyx in sorted((ROOT / "impl").glob("*.pyx"))
+        for package, folder in compiled
+        for pyx in sorted((ROOT / folder).glob("*.pyx"))
     ]
     return cythonize(
         modules,

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from vdpacert.impl.guestmem import GuestMemory
+from vdpacert.impl.parent import VdpaParent
 from vdpacert.impl.vhost_vdpa import VhostVdpa
 from vdpacert.uapi import vhost_types
 from vdpacert.uapi.virtio_config import (
@@ -142,6 +143,7 @@ def measure_device(workload: Workload, packed: bool, batch: int, seconds: float)
     """Descriptors per second of the compiled device behind the vhost-vdpa front."""
     memory = GuestMemory(_memory_for(workload))
     arena = Arena(memory)
+    device: VdpaParent
     if workload.device == "net":
         from vdpacert.impl.sim_net import create as create_net
 
@@ -218,7 +220,7 @@ def measure_python(workload: Workload, packed: bool, batch: int, seconds: float)
                     _push(tx, taken, 0)
                     done[0] += 1
 
-            rings = (rx_ring, tx_ring)
+            rings: tuple[BenchRing, ...] = (rx_ring, tx_ring)
         else:
             capacity = 1 << 15
             disk = bytearray(capacity * SECTOR)

@@ -86,6 +86,6 @@ def extensions() -> list[Extension]:
 setup(
     package_dir=PACKAGE_DIRS,
     packages=packages(),
-    package_data={"vdpacert": ["py.typed"], "vdpacert.impl": ["*.pxd"]},
+    package_data={"vdpacert": ["py.typed"], "vdpacert.impl": ["*.pxd", "*.pyi"], "vdpacert.bench": ["*.pyi"]},
     ext_modules=extensions(),
 )

@@ -33,7 +33,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from vdpacert.impl.virtqueue import VirtQueue
 from vdpacert.uapi.virtio_net import (
@@ -143,7 +143,9 @@ def _rx_mode(state: NetCtrlState, features: int, cmd: int, data: bytes) -> NetCt
     name, bit = RX_MODES[cmd]
     if not _has(features, bit) or len(data) != 1:
         return None
-    return replace(state, **{name: data[0] != 0})
+    # The field is chosen at run time (every RX_MODES field is a bool), so the keyword cannot be typed.
+    changes: dict[str, Any] = {name: data[0] != 0}
+    return replace(state, **changes)
 
 
 def _mac(state: NetCtrlState, features: int, cmd: int, data: bytes) -> NetCtrlState | None:

@@ -370,7 +370,9 @@ class SimDevice(VdpaParent):
         try:
             notify = vq.notify_needed()
         except VirtQueueError:
-            if vq.broken:  # reading the driver's suppression fields broke the queue
+            # Reading the driver's suppression fields broke the queue. Read ``broken`` afresh: a type
+            # checker keeps ``vq.broken`` narrowed to 0 from the check above, across the call.
+            if self._vqs[index].broken:
                 self._after_process(index)
             return
         if notify:

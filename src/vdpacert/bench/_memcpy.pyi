@@ -1,0 +1,3 @@
+"""Type stub of the compiled ``vdpacert.bench._memcpy`` (see _memcpy.pyx)."""
+
+def copy_pairs(pairs: list[tuple[int, int]], size: int, rounds: int) -> float: ...

@@ -232,14 +232,14 @@ class SimDevice(VdpaParent):
         self._config[offset:offset + len(data)] = data
         self._generation = (self._generation + 1) & 0xFFFFFFFF
         if notify:
-            self._signal(self._config_cb)
+            self.signal_callback(self._config_cb)
 
     def needs_reset(self, reason: str = "") -> None:
         """Set DEVICE_NEEDS_RESET and tell the driver through the config callback (idempotent)."""
         self.last_error = reason or self.last_error
         if not self._status & VIRTIO_CONFIG_S_NEEDS_RESET:
             self._status |= VIRTIO_CONFIG_S_NEEDS_RESET
-            self._signal(self._config_cb)
+            self.signal_callback(self._config_cb)
 
     def state_snapshot(self) -> dict[str, Any]:
         """Everything reset must restore, as plain values (for tests and reports)."""
@@ -289,6 +289,14 @@ class SimDevice(VdpaParent):
         cfg = self._vq_cfg[index]
         self._vqs[index].set_log(self._log if self._logging() else None, cfg.log_guest_addr, cfg.log_used)
 
+    def set_vq_groups(self, groups: list[int]) -> None:
+        """Move queues between groups (a device whose layout depends on features, like virtio-net's
+        control queue); every queue then translates through its new group's address space."""
+        if len(groups) != self.nvqs or not all(0 <= g < self.ngroups for g in groups):
+            raise ValueError(f"groups {groups} do not fit {self.nvqs} queues in {self.ngroups} groups")
+        self._vq_groups = list(groups)
+        self._rebind_iotlbs()
+
     def _rebind_iotlbs(self) -> None:
         for index, vq in enumerate(self._vqs):
             if vq.iotlb is not None:
@@ -303,7 +311,7 @@ class SimDevice(VdpaParent):
         return VqStateSplit(state["last_avail_idx"])
 
     @staticmethod
-    def _signal(cb: VdpaCallback) -> None:
+    def signal_callback(cb: VdpaCallback) -> None:
         if cb.callback is not None:
             cb()
         elif cb.trigger is not None:
@@ -336,7 +344,7 @@ class SimDevice(VdpaParent):
             return False
         return True
 
-    def _run(self, index: int) -> None:
+    def run_queue(self, index: int) -> None:
         """Process queue ``index`` now, or remember the kick while suspended."""
         cfg, vq = self._vq_cfg[index], self._vqs[index]
         if not self._running() or not cfg.ready or not vq.ready:
@@ -355,16 +363,16 @@ class SimDevice(VdpaParent):
             except VirtQueueError:
                 if not vq.broken:  # a device bug, not bad input: let it surface
                     raise
-        self._after_process(index)
+        self.finish_queue(index)
 
-    def _after_process(self, index: int) -> None:
+    def finish_queue(self, index: int) -> None:
         cfg, vq = self._vq_cfg[index], self._vqs[index]
         if vq.broken:
             if not cfg.broken_reported:
                 cfg.broken_reported = True
                 self._report_fault(index)
                 # Chains completed before the break may be waiting for their interrupt.
-                self._signal(cfg.cb)
+                self.signal_callback(cfg.cb)
                 self.needs_reset(f"queue {index}: {STATUS_NAMES.get(vq.broken, vq.broken)}")
             return
         try:
@@ -373,10 +381,10 @@ class SimDevice(VdpaParent):
             # Reading the driver's suppression fields broke the queue. Read ``broken`` afresh: a type
             # checker keeps ``vq.broken`` narrowed to 0 from the check above, across the call.
             if self._vqs[index].broken:
-                self._after_process(index)
+                self.finish_queue(index)
             return
         if notify:
-            self._signal(cfg.cb)
+            self.signal_callback(cfg.cb)
 
     def _report_fault(self, index: int) -> None:
         vq = self._vqs[index]
@@ -393,7 +401,7 @@ class SimDevice(VdpaParent):
         armed = [index for index, cfg in enumerate(self._vq_cfg) if cfg.ready and self._arm(index)]
         self.driver_ok()
         for index in armed:
-            self._run(index)
+            self.run_queue(index)
 
     # ----- virtqueue ops ---------------------------------------------------------------------
 
@@ -413,7 +421,7 @@ class SimDevice(VdpaParent):
         self._vq_cfg[index].num = num
 
     def kick_vq(self, index: int) -> None:
-        self._run(index)
+        self.run_queue(index)
 
     def set_vq_cb(self, index: int, cb: VdpaCallback) -> None:
         self._vq_cfg[index].cb = cb
@@ -425,7 +433,7 @@ class SimDevice(VdpaParent):
             self._vqs[index].set_ready(False)
             cfg.pending_kick = False
         elif self._running() and self._arm(index):  # enabled after DRIVER_OK (ENABLE_AFTER_DRIVER_OK)
-            self._run(index)
+            self.run_queue(index)
 
     def get_vq_ready(self, index: int) -> bool:
         return self._vq_cfg[index].ready
@@ -560,7 +568,7 @@ class SimDevice(VdpaParent):
         self._suspended = False
         for index, cfg in enumerate(self._vq_cfg):
             if cfg.ready:
-                self._run(index)
+                self.run_queue(index)
 
     # ----- memory ---------------------------------------------------------------------------------
 

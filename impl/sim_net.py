@@ -172,15 +172,11 @@ class SimNet(SimDevice):
         return self.ctrl.active_pairs
 
     def _relayout(self) -> None:
-        self._vq_groups = self._groups_for(self.features, self.nvqs)
-        self._rebind_iotlbs()
+        self.set_vq_groups(self._groups_for(self.features, self.nvqs))
 
     def set_driver_features(self, features: int) -> None:
         super().set_driver_features(features)
         self._relayout()
-
-    def get_vq_group(self, index: int) -> int:
-        return self._vq_groups[index]
 
     # ----- SimDevice hooks -------------------------------------------------------------------------
 
@@ -257,16 +253,16 @@ class SimNet(SimDevice):
         # run() already asked the queues whether to notify (that consumes their counters), so the
         # signals are sent here; the base's own check of `kicked` then finds nothing new.
         if notify_tx:
-            self._signal(self.vq_config(tx_i).cb)
+            self.signal_callback(self.vq_config(tx_i).cb)
         if notify_rx:
-            self._signal(self.vq_config(rx_i).cb)
+            self.signal_callback(self.vq_config(rx_i).cb)
         # The base finishes the kicked queue; the partner (broken, or with completions whose
         # notification a failed run never decided) is finished here the same way.
-        self._after_process(other)
+        self.finish_queue(other)
 
     def _run_pair(self, pair: int) -> None:
         """Run a pair that just became active (its frames may have waited in the TX ring)."""
-        self._run(rx_index(pair))
+        self.run_queue(rx_index(pair))
 
     # ----- control queue -----------------------------------------------------------------------------
 
@@ -280,7 +276,7 @@ class SimNet(SimDevice):
             if self.ctrl.mac != before_mac:
                 self.update_config(N.VIRTIO_NET_CONFIG_MAC, self.ctrl.mac)
         if result is not None and result.notify:
-            self._signal(self.vq_config(index).cb)
+            self.signal_callback(self.vq_config(index).cb)
         for pair in range(before_pairs, self.active_pairs):
             self._run_pair(pair)
 

@@ -52,7 +52,7 @@ KEPT_PER_CLAUSE: Final = 20
 FORMAT: Final = 1
 
 
-class Verdict(str, enum.Enum):
+class Verdict(enum.StrEnum):
     PASS = "pass"
     FAIL = "fail"
     WARN = "warn"

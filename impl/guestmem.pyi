@@ -1,7 +1,8 @@
 """Type stub of the compiled ``vdpacert.impl.guestmem`` (Python-visible API only; see guestmem.pyx)."""
 
+from typing import Self
+
 from _typeshed import ReadableBuffer
-from typing_extensions import Self
 
 class GuestMemory:
     def __init__(self, size: int, gpa: int = 0, register: bool = True) -> None: ...

@@ -1,8 +1,6 @@
 """Type stub of the compiled ``vdpacert.impl.net_datapath`` (Python-visible API only; see net_datapath.pyx)."""
 
-from typing import Final
-
-from typing_extensions import Self
+from typing import Final, Self
 
 from vdpacert.impl.virtqueue import VirtQueue
 

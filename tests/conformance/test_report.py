@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import xml.etree.ElementTree as ET
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from vdpacert.conformance.verdicts import Recorder, Verdict
 BLK = 2
 BLK_FEATURES = (1 << 32) | (1 << 33) | (1 << 9)  # VERSION_1, ACCESS_PLATFORM, FLUSH
 EVIL = '<script>alert("x")</script> & \x00\x1b[31m'
-STARTED = datetime(2025, 3, 1, 12, 0, tzinfo=timezone.utc)
+STARTED = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 QUIRK_RULE = "status.device.refuse_invalid_features"
 
 

@@ -406,13 +406,16 @@ class SimDevice(VdpaParent):
     # ----- virtqueue ops ---------------------------------------------------------------------
 
     def set_vq_address(self, index: int, desc_area: int, driver_area: int, device_area: int) -> None:
-        if self._vqs[index].ready:
-            raise OSError(errno.EINVAL, f"queue {index} is enabled: its addresses cannot change")
+        vq = self._vqs[index]
+        if vq.ready and not self._suspended:
+            raise OSError(errno.EINVAL, f"queue {index} is running: its addresses cannot change until suspended")
         for area in (desc_area, driver_area, device_area):
             if not 0 <= area <= _U64_MAX:
                 raise OSError(errno.EINVAL, f"area address {area:#x} is not a 64-bit IOVA")
         if desc_area % 16 or driver_area % 2 or device_area % 4:
             raise OSError(errno.EINVAL, "descriptors must be 16-aligned, driver area 2-aligned, device area 4-aligned")
+        if vq.ready:  # suspended: the running queue resumes at the new addresses
+            vq.set_address(desc_area, driver_area, device_area)
         cfg = self._vq_cfg[index]
         cfg.desc_area, cfg.driver_area, cfg.device_area = desc_area, driver_area, device_area
 
@@ -439,8 +442,9 @@ class SimDevice(VdpaParent):
         return self._vq_cfg[index].ready
 
     def set_vq_state(self, index: int, state: VqState) -> None:
-        if self._status & VIRTIO_CONFIG_S_DRIVER_OK and not self._suspended:
-            raise OSError(errno.EBUSY, "queue state can only be set before DRIVER_OK or while suspended")
+        if self._vqs[index].ready and not self._suspended:
+            # EINVAL, per queue, like mlx5_vdpa ("can't modify available index" of a queue in the RDY state).
+            raise OSError(errno.EINVAL, f"queue {index} is running: its state can only be set while suspended")
         packed = self._packed()
         if isinstance(state, VqStatePacked) != packed or not isinstance(state, (VqStatePacked, VqStateSplit)):
             raise OSError(errno.EINVAL, f"{type(state).__name__} does not fit a {'packed' if packed else 'split'} ring")

@@ -180,8 +180,11 @@ class IotlbModel:
         return tuple(m for m in self._maps if m.intersects(start, last))
 
     # -- changes ------------------------------------------------------------------------
-    def check_update(self, iova: int, size: int, uaddr: int, perm: int) -> IotlbMap:
-        """The mapping an UPDATE would add, or the ModelErrno it must fail with (no change)."""
+    def check_update(self, iova: int, size: int, uaddr: int, perm: int, *, check_perm: bool = True) -> IotlbMap:
+        """The mapping an UPDATE would add, or the ModelErrno it must fail with (no change).
+
+        ``check_perm=False`` predicts a front with the ``vhost_vdpa.iotlb_perm_unchecked`` quirk.
+        """
         for name, value in (("iova", iova), ("size", size), ("uaddr", uaddr)):
             _check_u64(name, value)
         if size == 0:
@@ -192,7 +195,7 @@ class IotlbModel:
         first_ok, last_ok = self.iova_range
         if iova < first_ok or last > last_ok:
             raise UPDATE_OUTSIDE_RANGE.fail(f"[{iova:#x}, {last:#x}] vs [{first_ok:#x}, {last_ok:#x}]")
-        if perm not in VALID_PERMS:
+        if check_perm and perm not in VALID_PERMS:
             raise UPDATE_BAD_PERM.fail(f"perm {perm}")
         clash = self.overlapping(iova, last)
         if clash:
@@ -203,9 +206,9 @@ class IotlbModel:
             raise UPDATE_LIMIT.fail(f"{len(self._maps)} of {self.limit} entries used")
         return IotlbMap(iova, last, uaddr, perm)
 
-    def update(self, iova: int, size: int, uaddr: int, perm: int) -> IotlbMap:
+    def update(self, iova: int, size: int, uaddr: int, perm: int, *, check_perm: bool = True) -> IotlbMap:
         """Add ``[iova, iova + size - 1] -> uaddr`` with ``perm``; all-or-nothing."""
-        new = self.check_update(iova, size, uaddr, perm)
+        new = self.check_update(iova, size, uaddr, perm, check_perm=check_perm)
         self._maps.append(new)
         self._maps.sort()
         return new

@@ -480,10 +480,10 @@ class VdpaDeviceModel:
             raise WRONG_MAP_OP.fail(f"parent uses {self.spec.map_op}")
         self._asid(asid).replace(maps)
 
-    def dma_map(self, asid: int, iova: int, size: int, uaddr: int, perm: int) -> IotlbMap:
+    def dma_map(self, asid: int, iova: int, size: int, uaddr: int, perm: int, *, check_perm: bool = True) -> IotlbMap:
         if self.spec.map_op == "set_map":
             raise WRONG_MAP_OP.fail("parent uses set_map")
-        return self._asid(asid).update(iova, size, uaddr, perm)
+        return self._asid(asid).update(iova, size, uaddr, perm, check_perm=check_perm)
 
     def dma_unmap(self, asid: int, iova: int, size: int) -> tuple[IotlbMap, ...]:
         if self.spec.map_op == "set_map":

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Final
@@ -37,7 +38,8 @@ from vdpacert.uapi import vhost_types as vt
 from vdpacert.uapi.virtio_config import VIRTIO_F_RING_RESET
 
 from . import sections
-from .iotlb import U64_MAX, IotlbMap, IotlbModel
+from .iotlb import INVALIDATE_SIZE_ZERO, INVALIDATE_WRAPS, U64_MAX, VALID_PERMS, IotlbMap, IotlbModel
+from .quirks import QUIRKS
 from .ring_index import PackedVqState, decode_packed_base, encode_packed_base
 from .spec import ErrnoRule, ModelErrno
 from .status import StatusBit, StatusWrite
@@ -248,7 +250,7 @@ VRING_BUSY = ErrnoRule(
     "vhost_vdpa.vring.running",
     errno.EINVAL,
     _VRING,
-    "vring addresses and bases change only before DRIVER_OK or while suspended",
+    "a running queue (enabled, DRIVER_OK, not suspended) keeps its addresses and base",
 )
 VRING_BASE_RANGE = ErrnoRule(
     "vhost_vdpa.vring_base.split_range",
@@ -292,12 +294,31 @@ MSG_BATCH_ASID = ErrnoRule(
     _MSG,
     "inside a batch every message must target the batch's asid",
 )
+MSG_UADDR_UNBACKED = ErrnoRule(
+    "vhost_vdpa.msg.uaddr_unbacked",
+    errno.EFAULT,
+    sections.vhost_vdpa("vhost_vdpa_pa_map"),
+    "every byte of an update's user range must be memory of the owner's process (pinning fails otherwise)",
+)
 MSG_UNKNOWN = ErrnoRule(
     "vhost_vdpa.msg.iotlb_type",
     errno.EINVAL,
     _MSG,
     "userspace may only send UPDATE, INVALIDATE, BATCH_BEGIN and BATCH_END",
 )
+
+
+#: Quirks of :mod:`vdpacert.model.quirks` this model can predict: a target that declares one gets the
+#: quirk's answer from the model instead of the rule's, and :attr:`VhostVdpaModel.quirks_taken` counts
+#: every time the quirk decided an answer (so a report lists it instead of hiding it).
+MODELLED_QUIRKS: Final = frozenset(
+    {
+        "vhost_vdpa.vring_num_bounds_unchecked",
+        "vhost_vdpa.iotlb_perm_unchecked",
+        "vhost_vdpa.invalidate_range_unchecked",
+    }
+)
+assert MODELLED_QUIRKS <= QUIRKS.keys(), "a modelled quirk must be in the quirk registry"
 
 
 class IotlbMessageError(ModelErrno):
@@ -383,11 +404,46 @@ class _State:
 class VhostVdpaModel:
     """One ``/dev/vhost-vdpa-N`` over one vDPA device; methods are named after the ioctls."""
 
-    def __init__(self, device: VdpaDeviceModel | VdpaDeviceSpec) -> None:
+    def __init__(self, device: VdpaDeviceModel | VdpaDeviceSpec, *, quirks: Iterable[str] = ()) -> None:
         self.device = device if isinstance(device, VdpaDeviceModel) else VdpaDeviceModel(device)
         self.spec = self.device.spec
         self.opened = False
         self._s = _State(vqs=[VhostVq()] * self.spec.nvqs)
+        self.quirks = frozenset(quirks)
+        unknown = self.quirks - MODELLED_QUIRKS
+        if unknown:
+            known = sorted(MODELLED_QUIRKS)
+            raise ValueError(f"quirks {sorted(unknown)} are not modelled here; modelled: {known}")
+        #: How often each declared quirk decided an answer.
+        self.quirks_taken: Counter[str] = Counter()
+        #: The owner's process memory as ``(uaddr, size)`` ranges; None: unknown, so not checked.
+        self.user_memory: tuple[tuple[int, int], ...] | None = None
+
+    def set_user_memory(self, ranges: Iterable[tuple[int, int]] | None) -> None:
+        """Tell the model which user addresses are memory of the owner (None: unknown, nothing is checked).
+
+        Linux pins the pages of an UPDATE's user range (``vhost_vdpa_pa_map``) or looks up their
+        VMAs (``vhost_vdpa_va_map``); a range with no memory behind it fails.
+        """
+        self.user_memory = None if ranges is None else tuple(sorted((int(a), int(n)) for a, n in ranges))
+
+    def _quirk(self, name: str) -> bool:
+        """Whether quirk ``name`` is declared; counts it as taken (call only where it changes the answer)."""
+        if name not in self.quirks:
+            return False
+        self.quirks_taken[name] += 1
+        return True
+
+    def _backed(self, uaddr: int, size: int) -> bool:
+        if self.user_memory is None:
+            return True
+        end = uaddr + size
+        for start, length in self.user_memory:  # sorted: walk the ranges covering [uaddr, end)
+            if start <= uaddr < start + length:
+                uaddr = start + length
+                if uaddr >= end:
+                    return True
+        return False
 
     # -- file lifetime -------------------------------------------------------------------------------
     def open(self) -> None:
@@ -452,8 +508,11 @@ class VhostVdpaModel:
         if idx >= self.spec.nvqs:
             raise VQ_INDEX.fail(f"{name} index {idx}, nvqs {self.spec.nvqs}")
 
-    def _running(self) -> bool:
-        return bool(self.device.status & StatusBit.DRIVER_OK) and not self._s.suspended
+    def _running(self, index: int) -> bool:
+        """Queue ``index`` runs: enabled after DRIVER_OK and not suspended. Like mlx5_vdpa (a queue object in
+        the RDY state refuses a new state), the refusal is per queue; vdpa_sim never refuses."""
+        return (bool(self.device.status & StatusBit.DRIVER_OK) and not self._s.suspended
+                and self.device.vqs[index].ready)
 
     def _persistent_map(self) -> bool:
         return (
@@ -647,6 +706,10 @@ class VhostVdpaModel:
         if num == 0 or num > 0xFFFF or num & (num - 1):
             raise VRING_NUM_INVALID.fail(str(num))
         if not self.spec.vq_num_min <= num <= self.spec.vq_num_max:
+            if self._quirk("vhost_vdpa.vring_num_bounds_unchecked"):
+                # set_vq_num cannot fail: the parent stores the size (and refuses it at DRIVER_OK, if ever).
+                self.device.vqs[index] = replace(self.device.vqs[index], num=num)
+                return
             raise VRING_NUM_BOUNDS.fail(f"{num} outside [{self.spec.vq_num_min}, {self.spec.vq_num_max}]")
         self.device.set_vq_num(index, num)
 
@@ -677,8 +740,8 @@ class VhostVdpaModel:
             )
         if desc_user_addr & 15:
             raise VRING_DESC_ALIGN.fail(f"desc {desc_user_addr:#x}")
-        if self._running():
-            raise VRING_BUSY.fail("VHOST_SET_VRING_ADDR while DRIVER_OK and not suspended")
+        if self._running(index):
+            raise VRING_BUSY.fail(f"VHOST_SET_VRING_ADDR of running queue {index}")
         self.device.set_vq_address(index, desc_user_addr, avail_user_addr, used_user_addr)
         self._s.vqs[index] = replace(
             self._s.vqs[index], log_used=bool(flags & 1 << vt.VHOST_VRING_F_LOG), log_addr=log_guest_addr
@@ -690,8 +753,8 @@ class VhostVdpaModel:
         _u("num", num, U32_MAX)
         if not self.device.packed and num > 0xFFFF:
             raise VRING_BASE_RANGE.fail(f"{num:#x}")
-        if self._running():
-            raise VRING_BUSY.fail("VHOST_SET_VRING_BASE while DRIVER_OK and not suspended")
+        if self._running(index):
+            raise VRING_BUSY.fail(f"VHOST_SET_VRING_BASE of running queue {index}")
         state: int | PackedVqState = decode_packed_base(num) if self.device.packed else num
         self.device.set_vq_state(index, state)
 
@@ -812,14 +875,28 @@ class VhostVdpaModel:
         direct = self.spec.map_op != "set_map"
 
         if msg_type == vt.VHOST_IOTLB_UPDATE:
-            new = book.check_update(iova, size, uaddr, perm)
+            check_perm = perm in VALID_PERMS or not self._quirk("vhost_vdpa.iotlb_perm_unchecked")
+            new = book.check_update(iova, size, uaddr, perm, check_perm=check_perm)
+            if not self._backed(uaddr, size):
+                raise MSG_UADDR_UNBACKED.fail(f"uaddr {uaddr:#x} size {size:#x}")
             if direct:
-                self.device.dma_map(asid, iova, size, uaddr, perm)
+                self.device.dma_map(asid, iova, size, uaddr, perm, check_perm=check_perm)
             elif not s.in_batch:
                 self.device.set_map(asid, (*book.maps, new))
-            book.update(iova, size, uaddr, perm)
+            book.update(iova, size, uaddr, perm, check_perm=check_perm)
         elif msg_type == vt.VHOST_IOTLB_INVALIDATE:
-            gone = book.invalidate(iova, size)
+            unchecked = size == 0 or iova > U64_MAX - size + 1
+            if unchecked and self._quirk("vhost_vdpa.invalidate_range_unchecked"):
+                # vhost_vdpa_unmap computes last = iova + size - 1 modulo 2^64 and drops every
+                # mapping the interval tree finds for [iova, last], even when last < iova.
+                gone = book.overlapping(iova, (iova + size - 1) & U64_MAX)
+                book.replace(m for m in book.maps if m not in gone)
+            elif size == 0:
+                raise INVALIDATE_SIZE_ZERO.fail(f"iova {iova:#x}")
+            elif unchecked:
+                raise INVALIDATE_WRAPS.fail(f"iova {iova:#x} size {size:#x}")
+            else:
+                gone = book.invalidate(iova, size)
             if direct:
                 for m in gone:
                     self.device.dma_unmap(asid, m.start, m.size)
@@ -867,5 +944,6 @@ VHOST_VDPA_RULES: Final = (
     MSG_FAILED,
     MSG_NO_AS,
     MSG_BATCH_ASID,
+    MSG_UADDR_UNBACKED,
     MSG_UNKNOWN,
 )

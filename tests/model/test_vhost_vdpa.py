@@ -306,7 +306,10 @@ def test_vring_addr_rules(addrs: tuple[int, int, int], kw: dict[str, int], code:
 def test_vring_base_and_addr_are_refused_while_running_unsuspended() -> None:
     v = fresh(backend=SIM_BACKEND)
     bring_up(v)
+    v.VHOST_VDPA_SET_VRING_ENABLE(0, 1)
     v.VHOST_VDPA_SET_STATUS(ACK | DRV | FOK | DOK)
+    v.VHOST_SET_VRING_BASE(1, 7)  # lockstep finding: only a running (enabled) queue refuses, as mlx5_vdpa does
+    v.VHOST_SET_VRING_ADDR(1, 0x1000, 0x2000, 0x3000)
     raises(errno.EINVAL, "vhost_vdpa.vring.running", v.VHOST_SET_VRING_BASE, 0, 1)
     raises(errno.EINVAL, "vhost_vdpa.vring.running", v.VHOST_SET_VRING_ADDR, 0, 0x1000, 0x2000, 0x3000)
     v.VHOST_VDPA_SUSPEND()
@@ -564,3 +567,47 @@ def test_packed_vring_base_round_trips(index: int, base: int) -> None:
     v.VHOST_SET_VRING_BASE(index, base)
     assert v.VHOST_GET_VRING_BASE(index) == base
     assert v.device.get_vq_state(index) == decode_packed_base(base)
+
+
+# ----- lockstep findings: declared quirks and backed user memory ---------------------------------
+
+def test_declared_quirks_change_the_answer_and_are_counted() -> None:
+    v = VhostVdpaModel(VDPA_SIM_NET, quirks={"vhost_vdpa.vring_num_bounds_unchecked",
+                                             "vhost_vdpa.iotlb_perm_unchecked",
+                                             "vhost_vdpa.invalidate_range_unchecked"})
+    v.open()
+    v.VHOST_SET_OWNER()
+    v.VHOST_SET_VRING_NUM(0, 1024)  # above vq_num_max 256: stored, as Linux's set_vq_num cannot fail
+    assert v.device.vqs[0].num == 1024
+    v.write_msg(vt.VHOST_IOTLB_UPDATE, 0, 0x1000, 0x1000, 0x10000, 0)  # perm 0 accepted
+    v.write_msg(vt.VHOST_IOTLB_UPDATE, 0, 0x3000, 0x1000, 0x20000, vt.VHOST_ACCESS_RW)
+    v.write_msg(vt.VHOST_IOTLB_INVALIDATE, 0, 0x3000, 0)  # [0x3000, 0x2FFF]: spans nothing
+    assert len(v.address_space(0) or ()) == 2
+    v.write_msg(vt.VHOST_IOTLB_INVALIDATE, 0, 0, 0)  # last = 2^64 - 1: everything
+    assert len(v.address_space(0) or ()) == 0
+    assert v.quirks_taken == {"vhost_vdpa.vring_num_bounds_unchecked": 1, "vhost_vdpa.iotlb_perm_unchecked": 1,
+                              "vhost_vdpa.invalidate_range_unchecked": 2}
+    with pytest.raises(ValueError, match="not modelled"):
+        VhostVdpaModel(VDPA_SIM_NET, quirks={"vdpa_sim.passthrough_default_map"})
+
+
+def test_without_quirks_the_rules_hold() -> None:
+    v = fresh()
+    raises(errno.EINVAL, "vhost_vdpa.vring_num.bounds", v.VHOST_SET_VRING_NUM, 0, 1024)
+    with pytest.raises(IotlbMessageError) as caught:
+        v.write_msg(vt.VHOST_IOTLB_INVALIDATE, 0, 0, 0)
+    assert caught.value.errno == errno.EFAULT
+    with pytest.raises(IotlbMessageError) as caught:  # a wrapping invalidation of an allocated space
+        v.write_msg(vt.VHOST_IOTLB_UPDATE, 0, 0x1000, 0x1000, 0x10000, vt.VHOST_ACCESS_RW)
+        v.write_msg(vt.VHOST_IOTLB_INVALIDATE, 0, 0x2000, (1 << 64) - 1)
+    assert caught.value.cause.rule == "iotlb.invalidate.wraps"
+
+
+def test_an_update_of_unbacked_user_memory_fails_once_memory_is_known() -> None:
+    v = fresh()
+    v.write_msg(vt.VHOST_IOTLB_UPDATE, 0, 0x1000, 0x1000, 0xDEAD000, vt.VHOST_ACCESS_RW)  # unknown: not checked
+    v.set_user_memory([(0x10000, 0x2000), (0x12000, 0x1000)])
+    v.write_msg(vt.VHOST_IOTLB_UPDATE, 0, 0x2000, 0x3000, 0x10000, vt.VHOST_ACCESS_RW)  # two adjacent ranges
+    with pytest.raises(IotlbMessageError) as caught:
+        v.write_msg(vt.VHOST_IOTLB_UPDATE, 0, 0x8000, 0x1001, 0x12000, vt.VHOST_ACCESS_RW)  # one byte past
+    assert caught.value.errno == errno.EFAULT and caught.value.cause.rule == "vhost_vdpa.msg.uaddr_unbacked"

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 __all__ = ["BUILTIN_MODULES", "SuiteEntry", "entries", "entries_for", "entry", "load", "register", "unregister"]
 
 #: The modules of the built-in suite; each registers its entries when imported.
-BUILTIN_MODULES: Final[tuple[str, ...]] = ()
+BUILTIN_MODULES: Final[tuple[str, ...]] = ("vdpacert.conformance.machines.entries",)
 
 MachineBuilder = Callable[["Target", "RunProfile"], "type[RuleBasedStateMachine]"]
 

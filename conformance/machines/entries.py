@@ -1,0 +1,44 @@
+"""The built-in suite: the machines every certification run executes, registered on import.
+
+Each entry binds a machine to the open target. The lockstep machines keep their clause counts
+on a :class:`~vdpacert.conformance.lockstep.Lockstep` shared by every example of a run (it also
+carries the probed device spec), so the per-example ``exercised`` the runner reads is the
+difference since the example began, never the running total.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import TYPE_CHECKING
+
+from vdpacert.conformance.machines.control import ControlMachine, control_machine
+from vdpacert.conformance.suite import SuiteEntry, register
+
+if TYPE_CHECKING:
+    from hypothesis.stateful import RuleBasedStateMachine
+
+    from vdpacert.conformance.profiles import RunProfile
+    from vdpacert.conformance.targets import Target
+
+
+def _per_example(machine: type[ControlMachine]) -> type[RuleBasedStateMachine]:
+    class PerExample(machine):  # type: ignore[valid-type, misc]
+        def __init__(self) -> None:
+            super().__init__()
+            self._counted_before = Counter(self.lockstep.exercised)
+
+        @property
+        def exercised(self) -> Counter[str]:
+            return self.lockstep.exercised - self._counted_before
+
+    PerExample.__name__ = PerExample.__qualname__ = machine.__name__
+    return PerExample
+
+
+def build_control(target: Target, run_profile: RunProfile) -> type[RuleBasedStateMachine]:
+    """The control path: every vhost-vdpa operation applied to the model and the target in lockstep."""
+    del run_profile  # example counts come from the runner's settings
+    return _per_example(control_machine(target))
+
+
+CONTROL = register(SuiteEntry("control", None, build_control))

@@ -509,9 +509,11 @@ class VhostVdpaModel:
             raise VQ_INDEX.fail(f"{name} index {idx}, nvqs {self.spec.nvqs}")
 
     def _running(self, index: int) -> bool:
-        """Queue ``index`` runs: enabled after DRIVER_OK and not suspended. Like mlx5_vdpa (a queue object in
+        """Queue ``index`` runs: enabled after DRIVER_OK, not suspended, and the driver has not given up
+        (FAILED: §2.1, the device need not run for a driver that set it). Like mlx5_vdpa (a queue object in
         the RDY state refuses a new state), the refusal is per queue; vdpa_sim never refuses."""
-        return (bool(self.device.status & StatusBit.DRIVER_OK) and not self._s.suspended
+        status = self.device.status
+        return (bool(status & StatusBit.DRIVER_OK) and not status & StatusBit.FAILED and not self._s.suspended
                 and self.device.vqs[index].ready)
 
     def _persistent_map(self) -> bool:

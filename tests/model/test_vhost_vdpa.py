@@ -318,6 +318,17 @@ def test_vring_base_and_addr_are_refused_while_running_unsuspended() -> None:
     assert v.VHOST_GET_VRING_BASE(0) == 1
 
 
+def test_a_failed_device_runs_no_queue() -> None:
+    # Lockstep finding: FAILED set before DRIVER_OK leaves the queues stopped, so their base may be set.
+    v = fresh(backend=SIM_BACKEND)
+    bring_up(v)
+    v.VHOST_VDPA_SET_VRING_ENABLE(0, 1)
+    v.VHOST_VDPA_SET_STATUS(ACK | DRV | FOK | 0x80)
+    v.VHOST_VDPA_SET_STATUS(ACK | DRV | FOK | DOK | 0x80)
+    v.VHOST_SET_VRING_BASE(0, 3)
+    assert v.VHOST_GET_VRING_BASE(0) == 3
+
+
 def test_split_vring_base_is_16_bits() -> None:
     v = fresh()
     raises(errno.EINVAL, "vhost_vdpa.vring_base.split_range", v.VHOST_SET_VRING_BASE, 0, 0x10000)

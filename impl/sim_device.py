@@ -279,6 +279,11 @@ class SimDevice(VdpaParent):
                 == (VIRTIO_CONFIG_S_DRIVER_OK | VIRTIO_CONFIG_S_FEATURES_OK)
                 and not status & VIRTIO_CONFIG_S_FAILED)
 
+    def _queue_running(self, index: int) -> bool:
+        """Queue ``index`` is live: armed at or after DRIVER_OK, not suspended, and the driver has not set
+        FAILED (a device the driver gave up on processes nothing, so nothing of its queues is in use)."""
+        return bool(self._vqs[index].ready) and not self._suspended and self._running()
+
     def _iotlb_of(self, index: int) -> Iotlb:
         return self._as[self._group_asid[self._vq_groups[index]]]
 
@@ -407,7 +412,7 @@ class SimDevice(VdpaParent):
 
     def set_vq_address(self, index: int, desc_area: int, driver_area: int, device_area: int) -> None:
         vq = self._vqs[index]
-        if vq.ready and not self._suspended:
+        if self._queue_running(index):
             raise OSError(errno.EINVAL, f"queue {index} is running: its addresses cannot change until suspended")
         for area in (desc_area, driver_area, device_area):
             if not 0 <= area <= _U64_MAX:
@@ -442,7 +447,7 @@ class SimDevice(VdpaParent):
         return self._vq_cfg[index].ready
 
     def set_vq_state(self, index: int, state: VqState) -> None:
-        if self._vqs[index].ready and not self._suspended:
+        if self._queue_running(index):
             # EINVAL, per queue, like mlx5_vdpa ("can't modify available index" of a queue in the RDY state).
             raise OSError(errno.EINVAL, f"queue {index} is running: its state can only be set while suspended")
         packed = self._packed()

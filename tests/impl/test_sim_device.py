@@ -313,6 +313,20 @@ def test_a_suspended_queue_takes_new_addresses(guest: Guest) -> None:
     dev.resume()
 
 
+def test_a_failed_device_lets_its_queues_be_moved(guest: Guest) -> None:
+    """Certify finding: once the driver sets FAILED the device processes nothing, so no queue is running
+    and SET_VRING_ADDR / SET_VRING_BASE are taken (the model's vhost_vdpa.vring.running agrees)."""
+    dev = EchoDevice()
+    driver = SplitDriver(guest, 8)
+    up(dev, guest, [driver], features())
+    with pytest.raises(OSError):
+        dev.set_vq_state(0, VqStateSplit(3))
+    dev.set_status(dev.get_status() | 0x80)  # FAILED
+    dev.set_vq_address(0, *driver.addresses)
+    dev.set_vq_state(0, VqStateSplit(3))
+    assert dev.get_vq_state(0) == VqStateSplit(3)
+
+
 # ----- maps, groups, address spaces -------------------------------------------------------------------
 
 def test_set_map_keeps_a_private_copy_all_or_nothing(guest: Guest) -> None:

@@ -26,3 +26,12 @@ def test_certify_passes_the_reference_devices(target: str, tmp_path: Path) -> No
         assert clauses[clause]["verdict"] == "pass", clauses[clause]
         assert clauses[clause]["examples"] > 0
     assert not [row for row in clauses.values() if row["verdict"] == "fail"]
+
+
+def test_certify_quick_profile_with_two_workers(tmp_path: Path) -> None:
+    """What CI runs: the quick profile on two pytest-xdist workers, recorders merged."""
+    report = tmp_path / "report.json"
+    assert main(["certify", "--target", "sim-net", "-n", "2", "--seed", "7", "--report-dir", str(tmp_path / "r"),
+                 "--json", str(report)]) == 0
+    clauses = {row["id"]: row for row in json.loads(report.read_text())["clauses"]}
+    assert clauses["suite.lockstep.errno"]["verdict"] == "pass"

@@ -906,7 +906,7 @@ cdef class VirtQueue:
             if flags & DESC_F_INDIRECT:
                 if not self.indirect_desc:
                     return VQ_BAD_INDIRECT_NOT_NEGOTIATED
-                if flags & DESC_F_NEXT:
+                if flags & DESC_F_NEXT or slots > 1:   # §2.8.7: an indirect descriptor stands for the whole list
                     return VQ_BAD_INDIRECT_WITH_NEXT
                 if length == 0 or length & 15:
                     return VQ_BAD_INDIRECT_LEN

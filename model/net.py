@@ -638,6 +638,10 @@ TX_GSO_NOT_RECEIVABLE: Final = Rule(
 TX_OVER_MTU: Final = Rule(
     "net.tx.over_mtu", Level.MUST, sections.NET_CONFIG_DEVICE,
     "with MTU negotiated, a non-GSO frame longer than mtu plus the Ethernet header is not passed")
+TX_OVER_LINK_MTU: Final = Rule(
+    "net.tx.over_link_mtu", Level.SHOULD, NET_RX_BUFFERS_DRIVER,
+    "without MTU negotiated, a non-GSO frame longer than the device's link mtu plus the Ethernet header is "
+    "dropped: receivers size their buffers for 1514-byte frames (1526 with the header)")
 TX_BAD_CSUM_OFFSETS: Final = Rule(
     "net.tx.bad_csum_offsets", Level.SHOULD, NET_TRANSMIT_DEVICE,
     "a NEEDS_CSUM packet whose checksum field lies outside the frame is dropped")
@@ -676,7 +680,7 @@ DRIVER_TX_CSUM_OFFSETS: Final = Rule(
     "csum_start + csum_offset points at a checksum field inside the frame")
 
 TX_RULES: Final[tuple[Rule, ...]] = (TX_SHORT_HEADER, TX_INACTIVE_PAIR, TX_GSO_NOT_NEGOTIATED, TX_GSO_NOT_RECEIVABLE,
-                                     TX_OVER_MTU, TX_BAD_CSUM_OFFSETS, TX_LOOPED_BACK)
+                                     TX_OVER_MTU, TX_OVER_LINK_MTU, TX_BAD_CSUM_OFFSETS, TX_LOOPED_BACK)
 RX_RULES: Final[tuple[Rule, ...]] = (RX_INACTIVE_PAIR, RX_TOO_BIG_FOR_BUFFER)
 DRIVER_TX_RULES: Final[tuple[Rule, ...]] = (
     DRIVER_TX_SHORT_HEADER, DRIVER_TX_NUM_BUFFERS, DRIVER_TX_FLAGS, DRIVER_TX_FLAGS_WITHOUT_CSUM,
@@ -749,7 +753,9 @@ class LoopbackNet:
     - The loopback applies no receive filter: filtering is best-effort and SHOULD-level
       (§5.1.6.5.1, §5.1.6.5.2), and a loopback that keeps every frame stays conforming.
     - Frames longer than ``mtu`` plus the Ethernet header with gso_type NONE are dropped once
-      MTU is negotiated: the device must not pass them (§5.1.4.1).
+      MTU is negotiated: the device must not pass them (§5.1.4.1). Without MTU negotiated they
+      are dropped too (SHOULD): ``mtu`` is still the device's link MTU, and receivers size their
+      buffers for 1514-byte frames (§5.1.6.3.1).
     """
 
     def __init__(self, features: int, state: NetDeviceState | None = None) -> None:
@@ -823,6 +829,10 @@ class LoopbackNet:
         elif (_has(feats, uapi.VIRTIO_NET_F_MTU) and len(frame) > self.state.mtu + ETH_HLEN):
             driver(DRIVER_TX_MTU, f"frame of {len(frame)} bytes exceeds mtu {self.state.mtu} + {ETH_HLEN}")
             return self._drop_tx(TX_OVER_MTU, found)
+        elif len(frame) > self.state.mtu + ETH_HLEN:
+            # The device still has a link MTU (its config value; 1500 by default): a non-GSO frame above it
+            # cannot go over the link, and §5.1.6.3.1 has receivers post 1526-byte buffers for 1514 bytes.
+            return self._drop_tx(TX_OVER_LINK_MTU, found)
         if needs_csum and hdr.csum_start + hdr.csum_offset + 2 > len(frame):
             driver(DRIVER_TX_CSUM_OFFSETS, "csum_start + csum_offset points outside the frame")
             return self._drop_tx(TX_BAD_CSUM_OFFSETS, found)

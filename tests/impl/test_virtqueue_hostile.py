@@ -338,6 +338,13 @@ def p_indirect_with_next(g: Guest, d: PackedDriver) -> None:
     p_desc(d, 1, buf(g), 8, 0)
 
 
+def p_indirect_after_first(g: Guest, d: PackedDriver) -> None:
+    # Found by the datapath machine: an INDIRECT descriptor as the *second* element of a NEXT list
+    # (without NEXT itself) is bad input too (§2.8.7), not an indirect table to walk.
+    p_desc(d, 0, buf(g), 8, NEXT)
+    p_desc(d, 1, ptable(g, [(buf(g), 8, WRITE)]), 16, INDIRECT)
+
+
 def p_unmapped(g: Guest, d: PackedDriver) -> None:
     p_desc(d, 0, buf(g), 8, NEXT)
     p_desc(d, 1, HOLE, 8, WRITE)
@@ -370,6 +377,7 @@ PACKED_CASES = {
     "indirect_not_negotiated": (p_indirect_len(16), vqmod.BAD_INDIRECT_NOT_NEGOTIATED, False),
     "nested_indirect": (p_nested, vqmod.BAD_NESTED_INDIRECT, True),
     "indirect_with_next": (p_indirect_with_next, vqmod.BAD_INDIRECT_WITH_NEXT, True),
+    "indirect_after_first": (p_indirect_after_first, vqmod.BAD_INDIRECT_WITH_NEXT, True),
     "unmapped": (p_unmapped, vqmod.BAD_UNMAPPED, False),
     "readable_after_writable": (p_read_after_write, vqmod.BAD_READ_AFTER_WRITE, False),
     "indirect_readable_after_writable": (p_indirect_read_after_write, vqmod.BAD_READ_AFTER_WRITE, True),

@@ -350,6 +350,17 @@ def test_mtu_limit_and_bad_packets() -> None:
     assert odd.accepted and odd.driver_violations[0].citation.number == "5.1.6.2.1"  # type: ignore[union-attr]
 
 
+def test_link_mtu_applies_without_mtu_negotiated() -> None:
+    # Found by the datapath machine: the device keeps its link MTU when the driver did not negotiate
+    # VIRTIO_NET_F_MTU; a jumbo non-GSO frame is dropped (SHOULD), never a silent MUST-level loss.
+    lo = LoopbackNet(V1 | bit(vn.VIRTIO_NET_F_MRG_RXBUF), NetDeviceState(mtu=1500))
+    assert lo.transmit(1, packet(bytes(1514))).accepted
+    jumbo = lo.transmit(1, packet(bytes(1600)))
+    assert not jumbo.accepted and jumbo.rule == "net.tx.over_link_mtu" and jumbo.level is Level.SHOULD
+    assert not jumbo.driver_violations
+    assert LoopbackNet(V1, NetDeviceState(mtu=9000)).transmit(1, packet(bytes(9014))).accepted
+
+
 def test_multiqueue_pairs_are_independent_and_gated() -> None:
     f = V1 | CTRL | bit(vn.VIRTIO_NET_F_MQ)
     lo = LoopbackNet(f, NetDeviceState(max_virtqueue_pairs=2))

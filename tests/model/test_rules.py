@@ -132,6 +132,7 @@ def _net_outcomes(seen: _Reached) -> None:
         (v1, 1, gso.encode() + bytes(3000)),
         (mq, 1, gso.encode() + bytes(3000)),
         (mq, 1, net.NetHdr().encode() + bytes(1515)),
+        (v1, 1, net.NetHdr().encode() + bytes(1515)),
         (v1 | csum, 1, net.NetHdr(flags=needs, csum_start=10).encode() + bytes(5)),
     )
     for features, pair, packet in cases:

@@ -509,12 +509,22 @@ class VhostVdpaModel:
             raise VQ_INDEX.fail(f"{name} index {idx}, nvqs {self.spec.nvqs}")
 
     def _running(self, index: int) -> bool:
-        """Queue ``index`` runs: enabled after DRIVER_OK, not suspended, and the driver has not given up
-        (FAILED: §2.1, the device need not run for a driver that set it). Like mlx5_vdpa (a queue object in
-        the RDY state refuses a new state), the refusal is per queue; vdpa_sim never refuses."""
+        """Queue ``index`` runs: the device is live (DRIVER_OK over accepted features, §3.1.1; the driver has
+        not given up with FAILED, §2.1; not suspended) and the queue is enabled with a configuration a device
+        can start (§2.7 / §2.8 sizes and alignments). Like mlx5_vdpa (a queue object in the RDY state refuses
+        a new state), the refusal is per queue; vdpa_sim never refuses."""
         status = self.device.status
-        return (bool(status & StatusBit.DRIVER_OK) and not status & StatusBit.FAILED and not self._s.suspended
-                and self.device.vqs[index].ready)
+        live = StatusBit.DRIVER_OK | StatusBit.FEATURES_OK
+        return (status & live == live and not status & StatusBit.FAILED and not self._s.suspended
+                and self.device.vqs[index].ready and self._startable(index))
+
+    def _startable(self, index: int) -> bool:
+        """A queue configuration a device can run: a size it supports (a power of 2 for split rings, §2.7)
+        and areas aligned for the layout (§2.7: 16/2/4; §2.8.10.1: 16/4/4)."""
+        vq, packed = self.device.vqs[index], self.device.packed
+        size_ok = self.spec.vq_num_min <= vq.num <= self.spec.vq_num_max and (packed or not vq.num & (vq.num - 1))
+        return (size_ok and vq.desc_addr % 16 == 0 and vq.driver_addr % (4 if packed else 2) == 0
+                and vq.device_addr % 4 == 0)
 
     def _persistent_map(self) -> bool:
         return (

@@ -1,5 +1,7 @@
 """The built-in suite: the machines every certification run executes, registered on import.
 
+``control`` runs on every device; ``datapath.net`` and ``datapath.blk`` on their device type.
+
 Each entry binds a machine to the open target. The lockstep machines keep their clause counts
 on a :class:`~vdpacert.conformance.lockstep.Lockstep` shared by every example of a run (it also
 carries the probed device spec), so the per-example ``exercised`` the runner reads is the
@@ -12,7 +14,10 @@ from collections import Counter
 from typing import TYPE_CHECKING
 
 from vdpacert.conformance.machines.control import ControlMachine, control_machine
+from vdpacert.conformance.machines.datapath_blk import blk_machine
+from vdpacert.conformance.machines.datapath_net import net_machine
 from vdpacert.conformance.suite import SuiteEntry, register
+from vdpacert.uapi.virtio_ids import VIRTIO_ID_BLOCK, VIRTIO_ID_NET
 
 if TYPE_CHECKING:
     from hypothesis.stateful import RuleBasedStateMachine
@@ -41,4 +46,18 @@ def build_control(target: Target, run_profile: RunProfile) -> type[RuleBasedStat
     return _per_example(control_machine(target))
 
 
+def build_datapath_net(target: Target, run_profile: RunProfile) -> type[RuleBasedStateMachine]:
+    """virtio-net traffic against the model's loopback: order, headers, drops, control commands."""
+    del run_profile
+    return net_machine(target.name)  # the machine opens its own target from the same spec
+
+
+def build_datapath_blk(target: Target, run_profile: RunProfile) -> type[RuleBasedStateMachine]:
+    """virtio-blk requests against the model's disk: status, data, capacity, discard and write zeroes."""
+    del run_profile
+    return blk_machine(target.name)
+
+
 CONTROL = register(SuiteEntry("control", None, build_control))
+DATAPATH_NET = register(SuiteEntry("datapath.net", frozenset({VIRTIO_ID_NET}), build_datapath_net))
+DATAPATH_BLK = register(SuiteEntry("datapath.blk", frozenset({VIRTIO_ID_BLOCK}), build_datapath_blk))

@@ -306,6 +306,8 @@ def test_vring_addr_rules(addrs: tuple[int, int, int], kw: dict[str, int], code:
 def test_vring_base_and_addr_are_refused_while_running_unsuspended() -> None:
     v = fresh(backend=SIM_BACKEND)
     bring_up(v)
+    v.VHOST_SET_VRING_NUM(0, 8)
+    v.VHOST_SET_VRING_ADDR(0, 0x1000, 0x2000, 0x3000)
     v.VHOST_VDPA_SET_VRING_ENABLE(0, 1)
     v.VHOST_VDPA_SET_STATUS(ACK | DRV | FOK | DOK)
     v.VHOST_SET_VRING_BASE(1, 7)  # lockstep finding: only a running (enabled) queue refuses, as mlx5_vdpa does
@@ -318,10 +320,22 @@ def test_vring_base_and_addr_are_refused_while_running_unsuspended() -> None:
     assert v.VHOST_GET_VRING_BASE(0) == 1
 
 
+def test_a_queue_a_device_cannot_start_is_not_running() -> None:
+    # Certify finding: enabled with size 0 (never set) the device cannot start the queue, so it is not running.
+    v = fresh(backend=SIM_BACKEND)
+    bring_up(v)
+    v.VHOST_VDPA_SET_VRING_ENABLE(0, 1)
+    v.VHOST_VDPA_SET_STATUS(ACK | DRV | FOK | DOK)
+    v.VHOST_SET_VRING_BASE(0, 2)
+    assert v.VHOST_GET_VRING_BASE(0) == 2
+
+
 def test_a_failed_device_runs_no_queue() -> None:
     # Lockstep finding: FAILED set before DRIVER_OK leaves the queues stopped, so their base may be set.
     v = fresh(backend=SIM_BACKEND)
     bring_up(v)
+    v.VHOST_SET_VRING_NUM(0, 8)
+    v.VHOST_SET_VRING_ADDR(0, 0x1000, 0x2000, 0x3000)
     v.VHOST_VDPA_SET_VRING_ENABLE(0, 1)
     v.VHOST_VDPA_SET_STATUS(ACK | DRV | FOK | 0x80)
     v.VHOST_VDPA_SET_STATUS(ACK | DRV | FOK | DOK | 0x80)

@@ -34,7 +34,8 @@ def _per_example(machine: type[ControlMachine]) -> type[RuleBasedStateMachine]:
 
         @property
         def exercised(self) -> Counter[str]:
-            return self.lockstep.exercised - self._counted_before
+            total: Counter[str] = self.lockstep.exercised
+            return total - self._counted_before
 
     PerExample.__name__ = PerExample.__qualname__ = machine.__name__
     return PerExample

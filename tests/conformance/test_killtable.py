@@ -15,7 +15,7 @@ from vdpacert.cli import main
 from vdpacert.conformance.mutants.killtable import KillRow, KillTable, certify_argv, run_mutant, run_table, text_table
 from vdpacert.conformance.mutants.registry import MUTANTS, target_string
 
-NET_MUTANT = "features_ok_broken_dependency"
+NET_MUTANT = "features_ok_without_version_1"  # killed by any drawn feature set without VERSION_1
 BLK_MUTANT = "used_len_counts_readable"
 SEED = 1
 

@@ -43,6 +43,29 @@ def _overlaps(a: int, a_len: int, b: int, b_len: int) -> bool:
     return a < b + b_len and b < a + a_len
 
 
+def changed_runs(before: bytes | bytearray | memoryview, now: bytes | bytearray | memoryview
+                 ) -> dict[int, list[tuple[int, int]]]:
+    """For every 4 KiB page whose bytes differ, the runs ``(start, end)`` of changed byte offsets.
+
+    Pages are compared whole first, so an unchanged page costs one comparison, not 4096.
+    """
+    view_before, view_now = memoryview(before), memoryview(now)
+    out: dict[int, list[tuple[int, int]]] = {}
+    for page in range(0, len(view_now), PAGE):
+        end = min(page + PAGE, len(view_now))
+        if view_now[page:end] == view_before[page:end]:
+            continue
+        runs: list[tuple[int, int]] = []
+        for offset in range(page, end):
+            if view_now[offset] != view_before[offset]:
+                if runs and runs[-1][1] == offset:
+                    runs[-1] = (runs[-1][0], offset + 1)
+                else:
+                    runs.append((offset, offset + 1))
+        out[page // PAGE] = runs
+    return out
+
+
 @dataclass(frozen=True)
 class Region:
     """A byte range of the layout, by offset, with what it holds."""
@@ -264,17 +287,12 @@ class GuestLayout:
         if now == before:
             return []
         runs: list[tuple[int, int]] = []
-        view_now, view_before = memoryview(now), memoryview(before)
-        for page in range(0, self.size, PAGE):
-            end = min(page + PAGE, self.size)
-            if view_now[page:end] == view_before[page:end]:
-                continue
-            for offset in range(page, end):
-                if now[offset] != before[offset]:
-                    if runs and runs[-1][1] == offset:
-                        runs[-1] = (runs[-1][0], offset + 1)
-                    else:
-                        runs.append((offset, offset + 1))
+        for page_runs in changed_runs(before, now).values():
+            for start, end in page_runs:
+                if runs and runs[-1][1] == start:  # a run that crosses a page boundary stays one change
+                    runs[-1] = (runs[-1][0], end)
+                else:
+                    runs.append((start, end))
         return [Change(start, end - start, self.iova(start), self.gpa(start), self.owner(start),
                        bytes(before[start:min(end, start + _SHOWN)]), bytes(now[start:min(end, start + _SHOWN)]))
                 for start, end in runs]

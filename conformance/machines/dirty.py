@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vdpacert.conformance.driver.memory import PAGE, GuestLayout, Snapshot
+from vdpacert.conformance.driver.memory import PAGE, GuestLayout, Snapshot, changed_runs
 from vdpacert.impl.guestmem import GuestMemory
 from vdpacert.model.dirty_log import VHOST_PAGE_SIZE, log_size_for
 from vdpacert.uapi import vhost_types as T  # noqa: N812
@@ -52,22 +52,7 @@ def log_bytes_for(layout: GuestLayout) -> int:
 
 def changed_pages(layout: GuestLayout, snapshot: Snapshot) -> dict[int, list[tuple[int, int]]]:
     """Layout page index -> runs ``(offset, end)`` of bytes changed since ``snapshot`` (all of memory)."""
-    now = memoryview(layout.memory.read(0, layout.size))
-    before = memoryview(snapshot.data)
-    out: dict[int, list[tuple[int, int]]] = {}
-    for page in range(0, layout.size, PAGE):
-        end = min(page + PAGE, layout.size)
-        if now[page:end] == before[page:end]:
-            continue
-        runs: list[tuple[int, int]] = []
-        for offset in range(page, end):
-            if now[offset] != before[offset]:
-                if runs and runs[-1][1] == offset:
-                    runs[-1] = (runs[-1][0], offset + 1)
-                else:
-                    runs.append((offset, offset + 1))
-        out[page // PAGE] = runs
-    return out
+    return changed_runs(snapshot.data, layout.memory.read(0, layout.size))
 
 
 class DirtyLogWatch:

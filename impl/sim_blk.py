@@ -27,12 +27,9 @@ import struct
 
 from vdpacert.impl.blk_datapath import BlkBackend, Ramdisk
 from vdpacert.impl.bus import MgmtDev
-from vdpacert.impl.sim_device import SimDevice
+from vdpacert.impl.sim_device import TRANSPORT_FEATURES, SimDevice, feature_word
 from vdpacert.uapi import virtio_blk as B  # noqa: N812 - read like the C names: B.VIRTIO_BLK_F_FLUSH
-from vdpacert.uapi.vhost_types import VHOST_F_LOG_ALL
-from vdpacert.uapi.virtio_config import VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1
 from vdpacert.uapi.virtio_ids import VIRTIO_ID_BLOCK
-from vdpacert.uapi.virtio_ring import VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC
 
 #: Defaults: vdpa_sim_blk's capacity (128 MiB), vdpa_sim's queue size.
 DEFAULT_CAPACITY = 0x40000
@@ -45,17 +42,12 @@ DEFAULT_DWZ_SEGS = 16
 _U32_MAX = 0xFFFFFFFF
 
 
-def _bits(*bits: int) -> int:
-    return sum(1 << bit for bit in bits)
-
-
 #: The default offer of a single-queue device.
-DEFAULT_FEATURES = _bits(
-    VIRTIO_F_VERSION_1, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_RING_PACKED, VIRTIO_RING_F_EVENT_IDX,
-    VIRTIO_RING_F_INDIRECT_DESC, VHOST_F_LOG_ALL, B.VIRTIO_BLK_F_SIZE_MAX, B.VIRTIO_BLK_F_SEG_MAX,
+DEFAULT_FEATURES = TRANSPORT_FEATURES | feature_word(
+    B.VIRTIO_BLK_F_SIZE_MAX, B.VIRTIO_BLK_F_SEG_MAX,
     B.VIRTIO_BLK_F_BLK_SIZE, B.VIRTIO_BLK_F_FLUSH, B.VIRTIO_BLK_F_DISCARD, B.VIRTIO_BLK_F_WRITE_ZEROES)
 #: Everything a ``features`` attribute may name (the default offer, MQ, and RO for a read-only disk).
-SUPPORTED_FEATURES = DEFAULT_FEATURES | _bits(B.VIRTIO_BLK_F_MQ, B.VIRTIO_BLK_F_RO)
+SUPPORTED_FEATURES = DEFAULT_FEATURES | feature_word(B.VIRTIO_BLK_F_MQ, B.VIRTIO_BLK_F_RO)
 
 
 def blk_config(*, capacity: int, size_max: int, seg_max: int, num_queues: int, max_discard_sectors: int,

@@ -95,8 +95,11 @@ from vdpacert.uapi.virtio_config import (
     VIRTIO_CONFIG_S_FAILED,
     VIRTIO_CONFIG_S_FEATURES_OK,
     VIRTIO_CONFIG_S_NEEDS_RESET,
+    VIRTIO_F_ACCESS_PLATFORM,
     VIRTIO_F_RING_PACKED,
+    VIRTIO_F_VERSION_1,
 )
+from vdpacert.uapi.virtio_ring import VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC
 
 #: Largest queue size virtio allows (split and packed).
 VIRTQUEUE_MAX_SIZE = 32768
@@ -104,6 +107,18 @@ VIRTQUEUE_MAX_SIZE = 32768
 SIM_VQ_ALIGN = 4096
 #: Default cap on the entries of one address space (vdpa_sim's max_iotlb_entries default).
 DEFAULT_MAX_IOTLB_ENTRIES = 2048
+
+
+def feature_word(*bits: int) -> int:
+    """The feature word with exactly these bit numbers set."""
+    return sum(1 << bit for bit in set(bits))
+
+
+#: What every software device offers whatever its type: virtio 1.x, DMA through the IOTLB, both ring
+#: layouts, EVENT_IDX, indirect descriptors, and vhost dirty logging.
+TRANSPORT_FEATURES = feature_word(
+    VIRTIO_F_VERSION_1, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_RING_PACKED, VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC, VHOST_F_LOG_ALL)
 
 _U64_MAX = (1 << 64) - 1
 

@@ -46,13 +46,10 @@ import struct
 from vdpacert.impl.bus import MgmtDev
 from vdpacert.impl.net_ctrl import NetCtrlState, process_ctrl_queue
 from vdpacert.impl.net_datapath import NetLoopback
-from vdpacert.impl.sim_device import SimDevice
+from vdpacert.impl.sim_device import TRANSPORT_FEATURES, SimDevice, feature_word
 from vdpacert.impl.virtqueue import VirtQueueError
 from vdpacert.uapi import virtio_net as N  # noqa: N812 - read like the C names: N.VIRTIO_NET_F_MQ
-from vdpacert.uapi.vhost_types import VHOST_F_LOG_ALL
-from vdpacert.uapi.virtio_config import VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1
 from vdpacert.uapi.virtio_ids import VIRTIO_ID_NET
-from vdpacert.uapi.virtio_ring import VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC
 
 DEFAULT_MTU = 1500
 DEFAULT_QUEUE_SIZE = 256
@@ -68,18 +65,13 @@ SPEED_UNKNOWN = 0xFFFFFFFF
 DUPLEX_UNKNOWN = 0xFF
 
 
-def _bits(*bits: int) -> int:
-    return sum(1 << bit for bit in bits)
-
-
 #: The default offer of a single-pair device.
-DEFAULT_FEATURES = _bits(
-    VIRTIO_F_VERSION_1, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_RING_PACKED, VIRTIO_RING_F_EVENT_IDX,
-    VIRTIO_RING_F_INDIRECT_DESC, VHOST_F_LOG_ALL, N.VIRTIO_NET_F_CSUM, N.VIRTIO_NET_F_GUEST_CSUM,
+DEFAULT_FEATURES = TRANSPORT_FEATURES | feature_word(
+    N.VIRTIO_NET_F_CSUM, N.VIRTIO_NET_F_GUEST_CSUM,
     N.VIRTIO_NET_F_MTU, N.VIRTIO_NET_F_MAC, N.VIRTIO_NET_F_MRG_RXBUF, N.VIRTIO_NET_F_STATUS,
     N.VIRTIO_NET_F_CTRL_VQ, N.VIRTIO_NET_F_CTRL_RX, N.VIRTIO_NET_F_CTRL_RX_EXTRA, N.VIRTIO_NET_F_CTRL_MAC_ADDR)
 #: Everything a ``features`` attribute may name: the default offer and MQ.
-SUPPORTED_FEATURES = DEFAULT_FEATURES | _bits(N.VIRTIO_NET_F_MQ)
+SUPPORTED_FEATURES = DEFAULT_FEATURES | feature_word(N.VIRTIO_NET_F_MQ)
 
 
 def default_mac(name: str) -> bytes:

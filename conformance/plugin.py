@@ -73,8 +73,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "vhost-vdpa:/dev/vhost-vdpa-N (default: sim-net)")
     group.addoption("--vdpa-profile", default="quick", choices=("quick", "full"),
                     help="run profile: how hard to search (default: quick)")
-    group.addoption("--vdpa-target-profile", default="strict", metavar="NAME|FILE.toml",
-                    help="the target's declared quirks: a built-in profile or a TOML file (default: strict)")
+    group.addoption("--vdpa-target-profile", default="auto", metavar="NAME|FILE.toml",
+                    help="the target's declared quirks: a built-in profile or a TOML file (default: auto, the "
+                         "profile of the target's kind: reference for sim-*/python:, linux-vhost-vdpa for vhost-vdpa:)")
     group.addoption("--vdpa-seed", type=int, default=None, metavar="N",
                     help="seed of the Hypothesis search (default: a random one, shown in the report)")
     group.addoption("--vdpa-examples", type=int, default=None, metavar="N",
@@ -158,12 +159,13 @@ class ConformanceRun:
 
         option = config.option
         try:
-            self.target_name = str(parse_target(option.vdpa_target))
+            parsed = parse_target(option.vdpa_target)
+            self.target_name = str(parsed)
             profile = run_profile(option.vdpa_profile)
             if option.vdpa_examples is not None:
                 profile = profile.with_examples(option.vdpa_examples)
             self.run_profile: RunProfile = profile
-            self.target_profile: TargetProfile = target_profile(option.vdpa_target_profile)
+            self.target_profile: TargetProfile = target_profile(option.vdpa_target_profile, kind=parsed.kind)
             self.shard = None if option.vdpa_shard is None else parse_shard(option.vdpa_shard)
         except (ValueError, ProfileError) as error:
             raise pytest.UsageError(str(error)) from None
@@ -214,6 +216,7 @@ class ConformanceRun:
                 self._target = make_target(self.target_name)
             except (ValueError, OSError) as error:
                 raise pytest.UsageError(f"cannot open target {self.target_name}: {error}") from error
+            self._target.declared_quirks = frozenset(quirk.name for quirk in self.target_profile.quirks)
             self.device = probe(self._target)
         elif self._target.closed:
             self._target.reopen()

@@ -36,6 +36,9 @@ from vdpacert.model.quirks import QUIRKS, Quirk
 from . import clauses
 
 __all__ = [
+    "AUTO",
+    "DEFAULT_TARGET_PROFILES",
+    "REFERENCE_FRONT_QUIRKS",
     "RUN_PROFILES",
     "TARGET_PROFILES",
     "ProfileError",
@@ -171,8 +174,15 @@ def _registry_prefixed(*prefixes: str) -> tuple[TargetQuirk, ...]:
     return _registry(name for name in QUIRKS if name.startswith(prefixes))
 
 
+#: The checks Linux's vhost-vdpa front leaves out and the reference front (``impl/vhost_vdpa.py``) leaves out too,
+#: on purpose: a parent driver certified behind the reference front meets the front it will meet in Linux.
+REFERENCE_FRONT_QUIRKS: Final = ("vhost_vdpa.vring_num_bounds_unchecked", "vhost_vdpa.invalidate_range_unchecked")
+
 TARGET_PROFILES: Final[Mapping[str, TargetProfile]] = MappingProxyType({
-    "strict": TargetProfile("strict", "no declared deviation: every failure is a failure (the reference devices)"),
+    "strict": TargetProfile("strict", "no declared deviation: every failure is a failure"),
+    "reference": TargetProfile(
+        "reference", "the embedded reference front (sim-net, sim-blk, python: parents): Linux vhost-vdpa's checks "
+        "and no more, so the two checks the Linux front leaves out are declared", _registry(REFERENCE_FRONT_QUIRKS)),
     "linux-vhost-vdpa": TargetProfile(
         "linux-vhost-vdpa", "a hardware parent behind Linux's vhost-vdpa char device: the front's own quirks",
         _registry_prefixed("vhost_vdpa.", "vdpa.")),
@@ -267,11 +277,26 @@ def load_target_profile(path: str | Path) -> TargetProfile:
     return parse_target_profile(data, str(path))
 
 
-def target_profile(name_or_path: str) -> TargetProfile:
-    """A built-in target profile by name, or one loaded from a ``.toml`` file."""
+#: The profile name that picks a target's profile from its kind (:data:`DEFAULT_TARGET_PROFILES`).
+AUTO: Final = "auto"
+#: What ``auto`` means for each kind of target: the deviations the front in front of the device is known to have.
+DEFAULT_TARGET_PROFILES: Final[Mapping[str, str]] = MappingProxyType({
+    "sim-net": "reference", "sim-blk": "reference", "python": "reference", "vhost-vdpa": "linux-vhost-vdpa",
+})
+
+
+def target_profile(name_or_path: str, *, kind: str | None = None) -> TargetProfile:
+    """A built-in target profile by name, or one loaded from a ``.toml`` file.
+
+    ``auto`` resolves by the target's ``kind`` (:data:`DEFAULT_TARGET_PROFILES`); without a kind it is an error.
+    """
+    if name_or_path == AUTO:
+        if kind is None or kind not in DEFAULT_TARGET_PROFILES:
+            raise ProfileError(f"target profile 'auto' needs a known target kind, not {kind!r}")
+        return TARGET_PROFILES[DEFAULT_TARGET_PROFILES[kind]]
     if name_or_path in TARGET_PROFILES:
         return TARGET_PROFILES[name_or_path]
     if name_or_path.endswith(".toml") or "/" in name_or_path:
         return load_target_profile(name_or_path)
-    raise ProfileError(f"no target profile {name_or_path!r}; built in: {', '.join(TARGET_PROFILES)}, "
+    raise ProfileError(f"no target profile {name_or_path!r}; built in: {AUTO}, {', '.join(TARGET_PROFILES)}, "
                        "or give the path of a .toml file")

@@ -38,6 +38,8 @@ class Target(abc.ABC):
     def __init__(self, name: str, kind: str) -> None:
         self.name = name
         self.kind = kind
+        #: The quirk names the run's target profile declares (None: not told; the lockstep then takes its kind's).
+        self.declared_quirks: frozenset[str] | None = None
         self._client: VhostClient | None = None
         self._eventfds: list[int] = []
         self._memories: list[GuestMemory] = []

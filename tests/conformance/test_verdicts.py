@@ -208,8 +208,19 @@ def test_builtin_target_profiles() -> None:
         assert declared.origin == "vdpacert.model.quirks" and declared.reference.startswith("Linux ")
     front = profiles.target_profile("linux-vhost-vdpa")
     assert front.quirks and all(q.name.startswith(("vhost_vdpa.", "vdpa.")) for q in front.quirks)
-    with pytest.raises(ProfileError, match="built in: strict"):
+    with pytest.raises(ProfileError, match="built in: auto, strict"):
         profiles.target_profile("linux-sim")
+
+
+def test_auto_picks_the_profile_of_the_target_kind() -> None:
+    reference = profiles.target_profile("auto", kind="sim-net")
+    assert reference is profiles.target_profile("auto", kind="python") is profiles.target_profile("reference")
+    assert {q.name for q in reference.quirks} == set(profiles.REFERENCE_FRONT_QUIRKS)
+    assert profiles.target_profile("auto", kind="vhost-vdpa") is profiles.target_profile("linux-vhost-vdpa")
+    # The reference front's quirks are Linux front quirks: a real vhost-vdpa char device has them too.
+    assert set(profiles.REFERENCE_FRONT_QUIRKS) <= {q.name for q in profiles.target_profile("linux-vhost-vdpa").quirks}
+    with pytest.raises(ProfileError, match="needs a known target kind"):
+        profiles.target_profile("auto")
 
 
 GOOD_TOML = """

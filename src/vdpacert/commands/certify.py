@@ -49,8 +49,9 @@ def register(subparsers: Any) -> None:
                         help="sim-net[:ATTRS], sim-blk[:ATTRS], python:MODULE:FACTORY[:ATTRS] or "
                              "vhost-vdpa:/dev/vhost-vdpa-N (default: sim-net)")
     parser.add_argument("--profile", choices=("quick", "full"), default="quick", help="run profile (default: quick)")
-    parser.add_argument("--target-profile", default="strict", metavar="NAME|FILE.toml",
-                        help="the target's declared quirks (default: strict)")
+    parser.add_argument("--target-profile", default="auto", metavar="NAME|FILE.toml",
+                        help="the target's declared quirks: strict, reference, linux-vhost-vdpa, linux-vdpa-sim or a "
+                             "TOML file (default: auto, the profile of the target's kind)")
     parser.add_argument("--json", metavar="FILE", help="write the JSON report here")
     parser.add_argument("--junit", metavar="FILE", help="write a JUnit XML report here (one testcase per clause)")
     parser.add_argument("--html", metavar="FILE", help="write an HTML report here")
@@ -155,8 +156,7 @@ def _check_usage(args: argparse.Namespace) -> str | None:
     from vdpacert.conformance.targets import parse_target
 
     try:
-        parse_target(args.target)
-        target_profile(args.target_profile)
+        target_profile(args.target_profile, kind=parse_target(args.target).kind)
     except (ValueError, ProfileError) as error:
         return str(error)
     if args.numprocesses not in ("0", "auto", "logical") and not args.numprocesses.isdigit():

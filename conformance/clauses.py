@@ -25,7 +25,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
-from vdpacert.model import rules, sections
+from vdpacert.model import feature_bits, rules, sections
+from vdpacert.model import features as feature_rules
 from vdpacert.model.quirks import QUIRKS
 from vdpacert.model.spec import Citation, Level, LinuxSource
 from vdpacert.uapi import vhost_types as T  # noqa: N812
@@ -174,13 +175,30 @@ _FEATURE_GATES: Final = (
 )
 
 
+def _dependency_gates() -> dict[str, int]:
+    """Each feature dependency rule ("F requires G") -> the bit of F.
+
+    The rule can only be checked on its own (a set breaking it and nothing else) when the device offers
+    F: accepting an F that is not offered breaks ``features.subset_of_offered`` first, and an offer
+    without F has nothing for the offer side of the rule to say.
+    """
+    gates: dict[str, int] = {}
+    for device_id in DEVICE_NAMES:
+        for dep in feature_rules.dependency_rules(device_id):
+            gates[dep.rule] = gates.get(dep.rule, 0) | feature_bits.mask_of(device_id, dep.feature)
+    return gates
+
+
+_DEPENDENCY_GATES: Final = _dependency_gates()
+
+
 def _device_ids_of(rule_id: str) -> frozenset[int] | None:
     area = rule_id.split(".", 1)[0]
     return {"net": NET, "blk": BLK}.get(area)
 
 
 def _features_of(rule_id: str) -> int:
-    mask = 0
+    mask = _DEPENDENCY_GATES.get(rule_id, 0)
     for pattern, bits in _FEATURE_GATES:
         if pattern.search(rule_id):
             mask |= bits

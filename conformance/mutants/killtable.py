@@ -7,8 +7,12 @@ others down, the Hypothesis state of each run stays in its own directory, and th
 what a vendor would get for that device. Up to ``jobs`` subprocesses run at once.
 
 A mutant is *killed* when its report has a MUST clause with a ``fail`` verdict (the condition
-for ``certify``'s exit 1). Anything else is a survivor, with the reason: the suite passed it,
-only warned, crashed, or did not finish within the timeout. A timeout is never taken for a kill:
+for ``certify``'s exit 1). A mutant whose bug breaks only a SHOULD (its clause hint is a SHOULD
+clause) is killed by a ``warn`` verdict on that very clause: the spec lets the device get away
+with it, so a warning is all a certification can say, and a warning on its own clause is the
+suite saying it (the reference devices run warning-free, which the tests hold). Anything else is a
+survivor, with the reason: the suite passed it, only warned elsewhere, crashed, or did not finish
+within the timeout. A timeout is never taken for a kill:
 a hung target counts only when the suite itself said so (``suite.target.alive`` failed).
 """
 
@@ -27,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
+from vdpacert.conformance import clauses as clause_catalog
 from vdpacert.conformance.mutants.registry import MUTANTS, target_string
 from vdpacert.conformance.report import read_json
 from vdpacert.conformance.verdicts import Verdict
@@ -58,6 +63,7 @@ class KillRow:
     seconds: float
     hint: str
     reason: str = ""
+    by_warning: bool = False  # killed by a warning on its own SHOULD clause
 
     @property
     def hint_matched(self) -> bool:
@@ -68,13 +74,15 @@ class KillRow:
     def verdict(self) -> str:
         """``yes``, ``yes (target hung)`` or ``no (<reason>)`` as the table shows it."""
         if self.killed:
+            if self.by_warning:
+                return "yes (SHOULD warning)"
             return "yes (target hung)" if TARGET_ALIVE in self.clauses else "yes"
         return f"no ({self.reason})" if self.reason else "no"
 
     def to_json(self) -> dict[str, Any]:
         return {"mutant": self.mutant, "base_target": self.base_target, "killed": self.killed,
                 "clauses": list(self.clauses), "seconds": round(self.seconds, 2), "hint": self.hint,
-                "hint_matched": self.hint_matched, "reason": self.reason}
+                "hint_matched": self.hint_matched, "reason": self.reason, "by_warning": self.by_warning}
 
 
 @dataclass(frozen=True)
@@ -141,8 +149,9 @@ def run_mutant(name: str, seed: int, *, timeout: float = DEFAULT_TIMEOUT) -> Kil
         report_path = workdir / "report.json"
         report = read_json(report_path) if report_path.exists() else None
 
-        def row(killed: bool, clauses: Iterable[str] = (), reason: str = "") -> KillRow:
-            return KillRow(name, mutant.base_target, killed, tuple(clauses), seconds, mutant.clause_hint, reason)
+        def row(killed: bool, clauses: Iterable[str] = (), reason: str = "", by_warning: bool = False) -> KillRow:
+            return KillRow(name, mutant.base_target, killed, tuple(clauses), seconds, mutant.clause_hint, reason,
+                           by_warning)
 
         if report is None:
             if status is None:
@@ -156,6 +165,8 @@ def run_mutant(name: str, seed: int, *, timeout: float = DEFAULT_TIMEOUT) -> Kil
         if status != 0:
             return row(False, reason=f"suite crashed, exit {status}: {_tail(workdir / 'stderr')}")
         warned = [r.id for r in report.clauses if r.verdict is Verdict.WARN]
+        if mutant.clause_hint in warned and not clause_catalog.clause(mutant.clause_hint).is_must:  # in warned: known
+            return row(True, [mutant.clause_hint], by_warning=True)
         return row(False, warned, "only warnings" if warned else "survived")
 
 
@@ -187,7 +198,8 @@ def text_table(table: KillTable) -> str:
     lines: list[tuple[str, ...]] = [header]
     for row in table.rows:
         hint = ("yes" if row.hint_matched else "no") if row.killed else "-"
-        clauses = ", ".join(row.clauses) if row.killed or not row.clauses else "warn: " + ", ".join(row.clauses)
+        warned = row.by_warning or (not row.killed and row.clauses)
+        clauses = "warn: " + ", ".join(row.clauses) if warned else ", ".join(row.clauses)
         lines.append((row.mutant, row.base_target, row.verdict, f"{row.seconds:.1f}", hint, clauses or "-"))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
     numeric = header.index("secs")

@@ -75,9 +75,10 @@ def test_table_and_json_format() -> None:
         KillRow("b", "sim-blk", True, ("suite.target.alive",), 12.0, "other"),
         KillRow("c", "sim-blk", False, ("w.clause",), 1.0, "c.hint", "only warnings"),
         KillRow("d", "sim-net", False, (), 120.0, "d.hint", "timeout"),
+        KillRow("e", "sim-blk", True, ("blk.OUT.beyond_capacity",), 4.0, "blk.OUT.beyond_capacity", by_warning=True),
     )
     table = KillTable(rows, seed=5, jobs=2, timeout=120.0, wall_seconds=70.04)
-    assert (table.killed, table.all_killed) == (2, False)
+    assert (table.killed, table.all_killed) == (3, False)
     text = text_table(table).splitlines()
     assert text[0].split() == ["mutant", "base", "killed", "secs", "hint", "failed", "clauses"]
     assert set(text[1]) == {"-"}
@@ -85,13 +86,15 @@ def test_table_and_json_format() -> None:
     assert text[3].split() == ["b", "sim-blk", "yes", "(target", "hung)", "12.0", "no", "suite.target.alive"]
     assert text[4].split() == ["c", "sim-blk", "no", "(only", "warnings)", "1.0", "-", "warn:", "w.clause"]
     assert text[5].split() == ["d", "sim-net", "no", "(timeout)", "120.0", "-", "-"]
-    assert text[-1] == "2/4 mutants killed (seed 5, 2 at a time), wall time 70.0 s"
+    assert text[6].split() == ["e", "sim-blk", "yes", "(SHOULD", "warning)", "4.0", "yes", "warn:",
+                               "blk.OUT.beyond_capacity"]
+    assert text[-1] == "3/5 mutants killed (seed 5, 2 at a time), wall time 70.0 s"
     # Columns line up: every row's seconds ends where the header's "secs" ends.
     end = text[0].index("secs") + len("secs")
     assert all(line[end - 1].isdigit() for line in text[2:6])
     data = table.to_json()
-    assert (data["killed"], data["total"], data["wall_seconds"], data["timeout"]) == (2, 4, 70.04, 120.0)
+    assert (data["killed"], data["total"], data["wall_seconds"], data["timeout"]) == (3, 5, 70.04, 120.0)
     assert data["rows"][0] == {"mutant": "a_mutant", "base_target": "sim-net", "killed": True,
                                "clauses": ["x.y", "hint.clause"], "seconds": 3.25, "hint": "hint.clause",
-                               "hint_matched": True, "reason": ""}
+                               "hint_matched": True, "reason": "", "by_warning": False}
     assert data["rows"][3]["killed"] is False and data["rows"][3]["reason"] == "timeout"

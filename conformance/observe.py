@@ -8,6 +8,13 @@ getter per row, asked of the model and of the target in the same words, each ans
 :class:`Outcome` (a value or an errno), so "the target answers EPERM where the model answers EPERM"
 is as much a match as equal values.
 
+Two more checks read what a device says about itself against what its device type allows, since
+the model cannot predict a device's own choices: :func:`offer_checks` (the offered feature word
+obeys the dependency table and includes VERSION_1, §2.2.2, §6.2) and :func:`config_value_checks`
+(the values a device puts in its configuration, e.g. virtio-net's mtu, §5.1.4.1). A configuration
+space reported larger than the device type's structure is cut to it (:meth:`Identity.spec`): bytes
+past the structure are not configuration space, so an access there must be refused.
+
 Probing the optional ops needs an owner (the vring ioctls go through ``vhost_dev_ioctl``'s owner
 check) and one harmless write (SET_GROUP_ASID of group 0 to address space 0, where it already is;
 SET_LOG_FD to -1, which unbinds nothing): :func:`probe_spec` therefore reopens the target when done,
@@ -22,15 +29,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from vdpacert.model import blk, net
+from vdpacert.model import features as feature_rules
 from vdpacert.model.vdpa_device import OPTIONAL_OPS, VdpaDeviceSpec
 from vdpacert.model.vhost_vdpa import VhostVdpaModel
 from vdpacert.uapi import vhost_types as T  # noqa: N812
+from vdpacert.uapi import virtio_net as N  # noqa: N812
+from vdpacert.uapi.virtio_ids import VIRTIO_ID_BLOCK, VIRTIO_ID_NET
 
 if TYPE_CHECKING:
     from vdpacert.conformance.client import VhostClient
     from vdpacert.conformance.targets import Target
+    from vdpacert.model.config_space import ConfigLayout
+    from vdpacert.model.spec import Violation
 
-__all__ = ["OBSERVABLES", "Identity", "Observable", "Outcome", "probe_spec", "read_identity", "target_outcome"]
+__all__ = ["OBSERVABLES", "Identity", "Observable", "Outcome", "config_layout", "config_value_checks",
+           "offer_checks", "probe_spec", "read_identity", "target_outcome"]
 
 #: What an answer may be: an int, config bytes, or the IOVA range pair.
 Value = int | bytes | tuple[int, int] | None
@@ -84,13 +98,18 @@ class Identity:
     supports_dirty_log: bool
 
     def spec(self) -> VdpaDeviceSpec:
-        """The model's description of this device (what the interface cannot show keeps its default)."""
+        """The model's description of this device (what the interface cannot show keeps its default).
+
+        The configuration space is what the device reports, cut to its device type's structure: a
+        device claiming more has no fields there, so the model predicts accesses past it refused.
+        """
+        layout = config_layout(self.device_id)
         return VdpaDeviceSpec(
             device_id=self.device_id,
             device_features=self.features,
             nvqs=self.nvqs,
             vq_num_max=max(1, self.vring_num_max),
-            config=self.config,
+            config=self.config if layout is None else self.config[:layout.size],
             ngroups=self.ngroups,
             nas=self.nas,
             vq_groups=self.vq_groups,
@@ -100,6 +119,52 @@ class Identity:
             optional_ops=self.optional_ops,
             supports_dirty_log=self.supports_dirty_log,
         )
+
+
+_LAYOUTS: dict[int, ConfigLayout] = {VIRTIO_ID_NET: net.NET_CONFIG_LAYOUT, VIRTIO_ID_BLOCK: blk.BLK_CONFIG_LAYOUT}
+
+
+def config_layout(device_id: int) -> ConfigLayout | None:
+    """The configuration structure of a device type the model knows (None: unknown type)."""
+    return _LAYOUTS.get(device_id)
+
+
+@functools.cache
+def offer_checks(device_id: int, offered: int) -> tuple[tuple[str, ...], tuple[Violation, ...]]:
+    """The feature rules an offer is held to, and those it breaks (§2.2.2: "a device MUST NOT offer a feature
+    which requires another feature which was not offered"; §6.2: VERSION_1 is offered).
+
+    A dependency row binds the offer only when the device offers its feature; the others have nothing to say.
+    Cached: a device's offer does not change, and this runs after every step.
+    """
+    checked = [feature_rules.VERSION_1_OFFER_RULE]
+    checked += [dep.rule for dep in feature_rules.dependency_rules(device_id)
+                if offered & feature_rules.mask_of(device_id, dep.feature)]
+    return tuple(checked), tuple(feature_rules.offer_violations(device_id, offered))
+
+
+#: The feature that makes the field of each config value rule exist (§5.1.4).
+_VALUE_RULE_FEATURE: dict[str, int] = {
+    net.CONFIG_MTU_RANGE.rule: N.VIRTIO_NET_F_MTU,
+    net.CONFIG_MTU_MIN_1280.rule: N.VIRTIO_NET_F_MTU,
+    net.CONFIG_SPEED_RANGE.rule: N.VIRTIO_NET_F_SPEED_DUPLEX,
+    net.CONFIG_DUPLEX_VALUE.rule: N.VIRTIO_NET_F_SPEED_DUPLEX,
+}
+
+
+@functools.lru_cache(maxsize=64)
+def config_value_checks(device_id: int, config: bytes, offered: int) -> tuple[tuple[str, ...], tuple[Violation, ...]]:
+    """The device-side rules on the values in a configuration space, and those broken (virtio-net §5.1.4.1).
+
+    Only the rows whose field the offer makes exist are checked (mtu with VIRTIO_NET_F_MTU, speed and duplex
+    with VIRTIO_NET_F_SPEED_DUPLEX); other device types have no value rules in the model.
+    """
+    if device_id != VIRTIO_ID_NET or len(config) < net.NET_CONFIG_LAYOUT.size:
+        return (), ()
+    values = net.NET_CONFIG_LAYOUT.decode(config)
+    state = net.NetDeviceState(mtu=int(values["mtu"]), speed=int(values["speed"]), duplex=int(values["duplex"]))
+    checked = [rule.rule for rule in net.CONFIG_VALUE_RULES if offered >> _VALUE_RULE_FEATURE[rule.rule] & 1]
+    return tuple(checked), tuple(net.config_violations(state, offered))
 
 
 #: Backend feature bits only a parent's get_backend_features can add (vhost-vdpa adds the others itself).
@@ -196,6 +261,9 @@ OBSERVABLES: tuple[Observable, ...] = (
                lambda m: m.VHOST_GET_FEATURES(), lambda c: c.get_features()),
     Observable("VHOST_GET_BACKEND_FEATURES", "suite.lockstep.features",
                lambda m: m.VHOST_GET_BACKEND_FEATURES(), lambda c: c.get_backend_features()),
+    # The size first: the bound of every config access, compared with the device type's structure.
+    Observable("VHOST_VDPA_GET_CONFIG_SIZE", "vdpa_device.config.bounds",
+               lambda m: m.VHOST_VDPA_GET_CONFIG_SIZE(), lambda c: c.get_config_size()),
     Observable("VHOST_VDPA_GET_CONFIG", "suite.lockstep.config", _config, _target_config),
     Observable("VHOST_VDPA_GET_DEVICE_ID", "suite.lockstep.errno",
                lambda m: m.VHOST_VDPA_GET_DEVICE_ID(), lambda c: c.get_device_id()),
@@ -213,9 +281,11 @@ OBSERVABLES: tuple[Observable, ...] = (
 
 
 def vq_observables(nvqs: int) -> tuple[Observable, ...]:
-    """GET_VRING_BASE, GET_VRING_GROUP and GET_VRING_SIZE of every queue (EPERM before SET_OWNER, on both sides)."""
+    """GET_VRING_BASE, GET_VRING_GROUP, GET_VRING_DESC_GROUP and GET_VRING_SIZE of every queue (EPERM before
+    SET_OWNER, EOPNOTSUPP without the parent op, on both sides)."""
     rows = (("VHOST_GET_VRING_BASE", "suite.lockstep.vq_state", "get_vring_base"),
             ("VHOST_VDPA_GET_VRING_GROUP", "suite.lockstep.errno", "get_vring_group"),
+            ("VHOST_VDPA_GET_VRING_DESC_GROUP", "suite.lockstep.errno", "get_vring_desc_group"),
             ("VHOST_VDPA_GET_VRING_SIZE", "suite.lockstep.vq_state", "get_vring_size"))
     return tuple(_vq_row(name, clause, method, i) for i in range(nvqs) for name, clause, method in rows)
 

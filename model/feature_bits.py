@@ -8,6 +8,7 @@ is kept beside each so either spelling resolves.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -156,8 +157,12 @@ def feature_table(device_id: int) -> Mapping[str, FeatureBit]:
     return MappingProxyType({row.name: row for row in rows})
 
 
+@functools.cache
 def lookup(device_id: int, name: str) -> FeatureBit:
-    """Resolve a short name (``MQ``) or a C macro (``VIRTIO_NET_F_MQ``), case-insensitively."""
+    """Resolve a short name (``MQ``) or a C macro (``VIRTIO_NET_F_MQ``), case-insensitively.
+
+    Cached: the tables are constant, and the dependency checks resolve the same few names on every status write.
+    """
     wanted = name.strip().upper()
     for row in feature_table(device_id).values():
         if wanted in (row.name, row.macro):

@@ -43,9 +43,16 @@ from .quirks import QUIRKS
 from .ring_index import PackedVqState, decode_packed_base, encode_packed_base
 from .spec import ErrnoRule, ModelErrno
 from .status import StatusBit, StatusWrite
-from .vdpa_device import VDPA_RESET_F_CLEAN_MAP, DeviceSnapshot, VdpaDeviceModel, VdpaDeviceSpec
+from .vdpa_device import (
+    VDPA_RESET_F_CLEAN_MAP,
+    VQ_STATE_LAYOUT,
+    DeviceSnapshot,
+    VdpaDeviceModel,
+    VdpaDeviceSpec,
+)
 
 U32_MAX: Final = 0xFFFFFFFF
+_LIVE: Final = StatusBit.DRIVER_OK | StatusBit.FEATURES_OK
 MSG_V2_SIZE: Final = vt.VHOST_MSG_V2.size  # write() returns the message size on success
 
 _B = 1
@@ -399,6 +406,8 @@ class _State:
     log_base: int | None = None
     log_fd: bool = False
     suspended: bool = False
+    #: Queues that started -> the size they started with (0: the start failed), see ``_note_starts``.
+    started: dict[int, int] = field(default_factory=dict)
 
 
 class VhostVdpaModel:
@@ -416,6 +425,9 @@ class VhostVdpaModel:
             raise ValueError(f"quirks {sorted(unknown)} are not modelled here; modelled: {known}")
         #: How often each declared quirk decided an answer.
         self.quirks_taken: Counter[str] = Counter()
+        #: The same decisions by (the rule whose answer the quirk replaced, quirk name): one quirk may stand in
+        #: for more than one rule (an unchecked invalidation is both the size-0 and the wrapping case).
+        self.quirks_decided: Counter[tuple[str, str]] = Counter()
         #: The owner's process memory as ``(uaddr, size)`` ranges; None: unknown, so not checked.
         self.user_memory: tuple[tuple[int, int], ...] | None = None
 
@@ -427,11 +439,15 @@ class VhostVdpaModel:
         """
         self.user_memory = None if ranges is None else tuple(sorted((int(a), int(n)) for a, n in ranges))
 
-    def _quirk(self, name: str) -> bool:
-        """Whether quirk ``name`` is declared; counts it as taken (call only where it changes the answer)."""
+    def _quirk(self, name: str, rule: str | None = None) -> bool:
+        """Whether quirk ``name`` is declared; counts it as taken (call only where it changes the answer).
+
+        ``rule`` is the rule whose answer the quirk replaces here (default: the rule the quirk names).
+        """
         if name not in self.quirks:
             return False
         self.quirks_taken[name] += 1
+        self.quirks_decided[(rule or QUIRKS[name].rule, name)] += 1
         return True
 
     def _backed(self, uaddr: int, size: int) -> bool:
@@ -510,13 +526,26 @@ class VhostVdpaModel:
 
     def _running(self, index: int) -> bool:
         """Queue ``index`` runs: the device is live (DRIVER_OK over accepted features, §3.1.1; the driver has
-        not given up with FAILED, §2.1; not suspended) and the queue is enabled with a configuration a device
-        can start (§2.7 / §2.8 sizes and alignments). Like mlx5_vdpa (a queue object in the RDY state refuses
-        a new state), the refusal is per queue; vdpa_sim never refuses."""
+        not given up with FAILED, §2.1; not suspended) and the queue started with a configuration a device
+        can run (§2.7 / §2.8 sizes and alignments; see :meth:`_note_starts`). Like mlx5_vdpa (a queue object
+        in the RDY state refuses a new state), the refusal is per queue; vdpa_sim never refuses."""
+        self._note_starts()
         status = self.device.status
-        live = StatusBit.DRIVER_OK | StatusBit.FEATURES_OK
-        return (status & live == live and not status & StatusBit.FAILED and not self._s.suspended
-                and self.device.vqs[index].ready and self._startable(index))
+        return (status & _LIVE == _LIVE and not status & StatusBit.FAILED and not self._s.suspended
+                and self._s.started.get(index, 0) > 0)
+
+    def _note_starts(self) -> None:
+        """Record the queues that start: when the device goes live with them enabled, or when they are enabled
+        on a live device, with the configuration they have at that moment. A later change of that
+        configuration (a size a declared quirk stores unchecked) neither starts nor stops the queue: it took
+        effect, or failed, then. A queue disabled, or a reset, forgets its start."""
+        live = self.device.status & _LIVE == _LIVE
+        started = self._s.started
+        for index, vq in enumerate(self.device.vqs):
+            if not (live and vq.ready):
+                started.pop(index, None)
+            elif index not in started:
+                started[index] = vq.num if self._startable(index) else 0
 
     def _startable(self, index: int) -> bool:
         """A queue configuration a device can run: a size it supports (a power of 2 for split rings, §2.7)
@@ -536,6 +565,7 @@ class VhostVdpaModel:
     def _reset_device(self) -> None:
         """_compat_vdpa_reset: clean maps on reset unless IOTLB_PERSIST was negotiated."""
         self._s.suspended = False
+        self._s.started.clear()
         clean = not self.has_backend_feature(vt.VHOST_BACKEND_F_IOTLB_PERSIST)
         if clean and "compat_reset" in self.spec.optional_ops:
             self.device.compat_reset(VDPA_RESET_F_CLEAN_MAP)
@@ -630,7 +660,9 @@ class VhostVdpaModel:
         if status == 0:
             self._reset_device()
             return StatusWrite(status=0, reset=True)
-        return self.device.set_status(status)
+        written = self.device.set_status(status)
+        self._note_starts()
+        return written
 
     def _config_window(self, name: str, off: int, length: int) -> None:
         self._owner(name)
@@ -719,7 +751,9 @@ class VhostVdpaModel:
             raise VRING_NUM_INVALID.fail(str(num))
         if not self.spec.vq_num_min <= num <= self.spec.vq_num_max:
             if self._quirk("vhost_vdpa.vring_num_bounds_unchecked"):
-                # set_vq_num cannot fail: the parent stores the size (and refuses it at DRIVER_OK, if ever).
+                # set_vq_num cannot fail: the parent stores the size (and refuses it at DRIVER_OK, if ever);
+                # a queue already running goes on with the size it started with.
+                self._note_starts()
                 self.device.vqs[index] = replace(self.device.vqs[index], num=num)
                 return
             raise VRING_NUM_BOUNDS.fail(f"{num} outside [{self.spec.vq_num_min}, {self.spec.vq_num_max}]")
@@ -768,6 +802,12 @@ class VhostVdpaModel:
         if self._running(index):
             raise VRING_BUSY.fail(f"VHOST_SET_VRING_BASE of running queue {index}")
         state: int | PackedVqState = decode_packed_base(num) if self.device.packed else num
+        started_with = self._s.started.get(index, 0)
+        if isinstance(state, PackedVqState) and started_with and max(state.last_avail_idx,
+                                                                     state.last_used_idx) >= started_with:
+            # A packed position is a slot of the ring (§2.8): on a queue that started with N slots, one
+            # at N or beyond is no position at all.
+            raise VQ_STATE_LAYOUT.fail(f"packed position {state} on queue {index} of {started_with} entries")
         self.device.set_vq_state(index, state)
 
     def VHOST_GET_VRING_BASE(self, index: int) -> int:  # noqa: N802
@@ -800,6 +840,7 @@ class VhostVdpaModel:
             if not ready and not self.device.driver_features >> VIRTIO_F_RING_RESET & 1:
                 determined, note = False, "disable after DRIVER_OK without VIRTIO_F_RING_RESET"
         self.device.set_vq_ready(index, ready)
+        self._note_starts()
         return VringEnable(index, ready, determined, note)
 
     def VHOST_VDPA_GET_VRING_GROUP(self, index: int) -> int:  # noqa: N802
@@ -898,7 +939,8 @@ class VhostVdpaModel:
             book.update(iova, size, uaddr, perm, check_perm=check_perm)
         elif msg_type == vt.VHOST_IOTLB_INVALIDATE:
             unchecked = size == 0 or iova > U64_MAX - size + 1
-            if unchecked and self._quirk("vhost_vdpa.invalidate_range_unchecked"):
+            skipped = INVALIDATE_SIZE_ZERO if size == 0 else INVALIDATE_WRAPS
+            if unchecked and self._quirk("vhost_vdpa.invalidate_range_unchecked", skipped.rule):
                 # vhost_vdpa_unmap computes last = iova + size - 1 modulo 2^64 and drops every
                 # mapping the interval tree finds for [iova, last], even when last < iova.
                 gone = book.overlapping(iova, (iova + size - 1) & U64_MAX)

@@ -9,6 +9,11 @@ contract every machine module follows:
 * an instance exposes ``exercised: collections.Counter[str]``, how often *this example* checked
   each clause id (a fresh Counter per instance: the runner adds every instance's counts to the
   recorder after the example, so a counter shared between instances would be counted again and again);
+* an instance may also expose ``quirks: collections.Counter[tuple[str, str]]``: (clause id, quirk
+  name) -> how often this example saw the target answer as a quirk its profile declares predicts
+  (the lockstep machines predict the declared quirks' answers, so a quirk never shows as a failure);
+* and ``warned: list[tuple[str, str]]``: (clause id, message) of each SHOULD deviation this example
+  noted without stopping (a warning that stops the example is raised like a failure instead);
 * a clause failure is an exception carrying ``.clause`` (or ``.clause_id``: a clause id or a
   :class:`~vdpacert.conformance.clauses.Clause`) and a message. Any other exception is a crash of
   the machine, not a verdict (a dying target is ``TargetDied``, which the runner files under

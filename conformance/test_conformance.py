@@ -6,7 +6,9 @@ Collected by ``pytest --pyargs vdpacert.conformance`` with the vdpacert plugin l
 seed, and files what happened in the process's recorder:
 
 * every example's ``machine.exercised`` counts, after the example (shrinking runs included: a
-  check that ran is a check that ran);
+  check that ran is a check that ran), and its ``machine.quirks`` (if it has them): declared quirks
+  the target showed, by (clause, quirk name), filed as quirk observations; and its
+  ``machine.warned`` (if it has it): SHOULD deviations the machine noted without stopping;
 * a failure naming a clause the target profile declares a quirk for: a quirk, the test passes;
 * a failure of a MUST clause: a failure with the shrunk step sequence and a replay file; the
   test fails;
@@ -20,6 +22,7 @@ test errors with it, so a broken check can never pass as a clean run.
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from typing import Any, cast
 
 import pytest
@@ -76,6 +79,12 @@ def _factory(run: ConformanceRun, entry: SuiteEntry, machine_cls: type[RuleBased
                 for clause_id, count in counts.items():
                     if count:
                         run.recorder.exercised(clause_id, count)
+                for (clause_id, name), count in getattr(machine, "quirks", Counter()).items():
+                    if count:  # the model predicted a declared quirk's answer and the target gave it
+                        run.recorder.quirk(clause_id, name, f"the target answered as quirk {name} predicts",
+                                           count)
+                for clause_id, message in getattr(machine, "warned", ()):
+                    run.recorder.warned(clause_id, message)  # a SHOULD not followed; the example goes on
 
         setattr(machine, "teardown", file_counts_after_teardown)  # noqa: B010 - instance override
         return machine

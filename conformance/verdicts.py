@@ -160,11 +160,13 @@ class Recorder:
         """Something worth reporting that does not fail the clause (typically a SHOULD not followed)."""
         self._add(Failure(clauses.clause(clause_id).id, "warn", message, _sequence(minimal_sequence), replay_file))
 
-    def quirk(self, clause_id: str, name: str, detail: str = "") -> None:
-        """The target deviated on ``clause_id`` as its profile's quirk ``name`` declares."""
+    def quirk(self, clause_id: str, name: str, detail: str = "", count: int = 1) -> None:
+        """The target deviated on ``clause_id`` as its profile's quirk ``name`` declares (``count`` times)."""
         clauses.clause(clause_id)
+        if count < 1:
+            raise ValueError(f"a quirk is seen at least once, not {count} times")
         entry = self._quirks.setdefault((clause_id, name), [0, ""])
-        entry[0] += 1
+        entry[0] += count
         if not entry[1]:
             entry[1] = detail
 

@@ -4,8 +4,8 @@
 
 Each entry binds a machine to the open target. The lockstep machines keep their clause counts
 on a :class:`~vdpacert.conformance.lockstep.Lockstep` shared by every example of a run (it also
-carries the probed device spec), so the per-example ``exercised`` the runner reads is the
-difference since the example began, never the running total.
+carries the probed device spec), so the per-example ``exercised``, ``quirks`` and ``warned`` the runner
+reads are the differences since the example began, never the running totals.
 """
 
 from __future__ import annotations
@@ -31,11 +31,22 @@ def _per_example(machine: type[ControlMachine]) -> type[RuleBasedStateMachine]:
         def __init__(self) -> None:
             super().__init__()
             self._counted_before = Counter(self.lockstep.exercised)
+            self._quirks_before = Counter(self.lockstep.quirk_hits)
+            self._warnings_before = len(self.lockstep.warnings)
 
         @property
         def exercised(self) -> Counter[str]:
             total: Counter[str] = self.lockstep.exercised
             return total - self._counted_before
+
+        @property
+        def quirks(self) -> Counter[tuple[str, str]]:
+            total: Counter[tuple[str, str]] = self.lockstep.quirk_hits
+            return total - self._quirks_before
+
+        @property
+        def warned(self) -> list[tuple[str, str]]:
+            return self.lockstep.warnings[self._warnings_before:]
 
     PerExample.__name__ = PerExample.__qualname__ = machine.__name__
     return PerExample

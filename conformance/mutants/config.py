@@ -6,7 +6,7 @@ import errno
 
 from vdpacert.impl.sim_net import SimNet
 
-__all__ = ["EXTRA_CONFIG_BYTES", "ConfigSizeOverreported", "ConfigWriteApplied"]
+__all__ = ["EXTRA_CONFIG_BYTES", "ConfigSizeOverreported", "ConfigWriteSpills"]
 
 #: How far past the real struct virtio_net_config the over-reporting mutant claims config space.
 EXTRA_CONFIG_BYTES = 8
@@ -33,9 +33,16 @@ class ConfigSizeOverreported(SimNet):
             super().set_config(offset, bytes(data[:real - offset]))
 
 
-class ConfigWriteApplied(SimNet):
-    """Bug: a driver's write to config space is stored (the legacy way of setting the MAC), although every
-    field of a VERSION_1 device's net config is read-only."""
+class ConfigWriteSpills(SimNet):
+    """Bug: the firmware applies a driver's config write as whole 32-bit words, filling the bytes of each
+    word the driver did not write with zeroes: a one-byte write clobbers its neighbours (part of the MAC).
+
+    Storing the written bytes themselves would be allowed (the write rules bind the driver); changing
+    bytes the driver never wrote, with no configuration change notification, is not.
+    """
 
     def write_config(self, offset: int, data: bytes) -> None:
-        self.update_config(offset, data)
+        start, end = offset & ~3, min(-(-(offset + len(data)) // 4) * 4, self.get_config_size())
+        words = bytearray(end - start)
+        words[offset - start:offset - start + len(data)] = data
+        self.update_config(start, bytes(words), notify=False)

@@ -62,7 +62,7 @@ _ALL = [
        "FEATURES_OK accepted for a set that breaks a dependency (CTRL_RX without CTRL_VQ)",
        "status.device.refuse_invalid_features"),
     _m("features_ok_without_version_1", features.FeaturesOkWithoutVersion1,
-       "FEATURES_OK accepted for a set without VERSION_1", "features.VERSION_1.accepted"),
+       "FEATURES_OK accepted for a set without VERSION_1", "status.device.refuse_invalid_features"),
     _m("offer_missing_dependency", features.OfferMissingDependency,
        "CTRL_RX / CTRL_MAC_ADDR offered without the CTRL_VQ they need", "net.CTRL_RX.requires"),
     # status and reset
@@ -91,7 +91,7 @@ _ALL = [
     _m("nested_indirect_followed", rings.NestedIndirectFollowed,
        "an indirect descriptor inside an indirect table is followed", "ring.bad_input.nested_indirect"),
     _m("descriptor_cycle_unbounded", rings.DescriptorCycleUnbounded,
-       "a looping chain is walked 10 x num deep, then returned used", "ring.bad_input.descriptor_loop"),
+       "a looping chain is walked 10 x num deep, then served as a request", "ring.bad_input.descriptor_loop"),
     _m("used_len_counts_readable", rings.UsedLenCountsReadable,
        "used len counts the readable bytes too (more than the chain's writable length)",
        "ring.split.device.used_ring"),
@@ -110,8 +110,9 @@ _ALL = [
     # config space
     _m("config_size_overreported", config.ConfigSizeOverreported,
        "config size over-reported by 8: out-of-bounds config writes accepted", "vdpa_device.config.bounds"),
-    _m("config_write_applied", config.ConfigWriteApplied,
-       "a driver write to read-only net config (mac) is stored", "net.config.driver_write.read_only"),
+    _m("config_write_spills", config.ConfigWriteSpills,
+       "a driver's config write applied as whole 32-bit words: the bytes beside it are zeroed",
+       "suite.lockstep.config"),
     # memory translation
     _m("iotlb_invalidate_ignored", iotlb.InvalidateIgnored,
        "IOTLB INVALIDATE acknowledged but the translation stays", "ring.bad_input.address_unmapped"),

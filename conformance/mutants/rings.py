@@ -254,17 +254,15 @@ class NestedIndirectFollowed(LaxWalkBlk):
 
 
 class DescriptorCycleUnbounded(LaxWalkBlk):
-    """Bug: the walk is bounded by a watchdog of 10 x the queue size, not by the table size; a chain that
-    loops is then returned used (length 0) instead of treated as bad input."""
+    """Bug: the walk is bounded by a watchdog of 10 x the queue size, not by the table size; when the
+    watchdog fires, the request gathered so far (the loop's descriptors, again and again) is served
+    instead of the chain being treated as bad input."""
 
     def lax_walk(self, view: SplitView, head: int) -> Walk:
         return view.walk(head, loop_cap=min(10 * view.num, WATCHDOG_MAX))
 
     def triggered(self, walk: Walk) -> bool:
         return walk.gave_up
-
-    def answer(self, index: int, view: SplitView, walk: Walk) -> int:
-        return 0
 
 
 class WriteIntoReadable(LaxWalkBlk):

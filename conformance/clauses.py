@@ -83,6 +83,9 @@ class Clause:
     device_ids: frozenset[int] | None = None
     requires_features: int = 0
     requires_backend_features: int = 0
+    #: Why no check through the vhost-vdpa interface can reach the clause on a conforming target ("" when
+    #: one can): unless a run records something for it, the clause is not applicable, with this reason.
+    unreachable: str = ""
 
     def __post_init__(self) -> None:
         if not CLAUSE_ID.match(self.id):
@@ -111,6 +114,8 @@ class Clause:
         ``features`` / ``backend_features`` are what the device offers; None (not known yet) makes
         the feature conditions count as met, so a clause is never dropped on a guess.
         """
+        if self.unreachable:
+            return self.unreachable
         if self.device_ids is not None and device_id not in self.device_ids:
             wanted = " or ".join(device_name(d) for d in sorted(self.device_ids))
             return f"a {wanted} clause; the target is {device_name(device_id)}"
@@ -205,9 +210,35 @@ def _features_of(rule_id: str) -> int:
     return mask
 
 
+def _decided_first(rule: str, why: str = "") -> str:
+    return f"through vhost-vdpa, {rule} decides first{': ' + why if why else ''}"
+
+
+#: Model rules no vhost-vdpa user can make decide, and why. Most are rules of the parent's config ops
+#: that the vhost-vdpa front checks before it calls the op, so the front's own rule is the one a run
+#: exercises; the rest describe what a parent does that no ioctl makes visible.
+UNREACHABLE: Final[dict[str, str]] = {
+    "vdpa_device.optional_op": _decided_first("vhost_vdpa.parent_op"),
+    "vdpa_device.vq_index": _decided_first("vhost_vdpa.vring.index"),
+    "vdpa_device.vq_num": _decided_first("vhost's size check", "set_vq_num cannot fail, so no errno reaches userspace"),
+    "vdpa_device.vq_num.split_pow2": _decided_first("vhost's size check (non-zero, a power of 2, at most 0xffff)"),
+    "vdpa_device.set_driver_features.locked": _decided_first("vhost_vdpa.set_features.after_features_ok"),
+    "vdpa_device.asid": _decided_first("vhost_vdpa.set_group_asid.asid and the IOTLB message's asid check"),
+    "vdpa_device.map_op": "vhost-vdpa calls whichever map op the parent has; which one is not visible to userspace",
+    "iotlb.update.size_zero": _decided_first("vhost_vdpa.msg.update_size_zero"),
+    "iotlb.update.limit": "no ioctl reports how many mappings an address space holds, so no ENOSPC can be predicted",
+    "vhost_vdpa.set_features.refused": "only a parent whose set_driver_features fails reaches it; the run records "
+                                       "it if one does",
+    "vhost_vdpa.vring_group.range": "only a parent reporting a group past its group count reaches it; the run "
+                                    "records it if one does",
+    "vdpa_device.get_config.no_side_effect": "the only side effect known (Linux resets the driver features to 0) "
+                                             "happens while they are 0 anyway: no ioctl can tell",
+}
+
+
 def _from_model() -> list[Clause]:
     return [Clause(entry.rule, entry.citation, entry.level, entry.summary, f"model:{entry.source}",
-                   _device_ids_of(entry.rule), _features_of(entry.rule))
+                   _device_ids_of(entry.rule), _features_of(entry.rule), unreachable=UNREACHABLE.get(entry.rule, ""))
             for entry in rules.catalog()]
 
 
@@ -217,7 +248,8 @@ def _from_quirks(known: set[str]) -> list[Clause]:
     for quirk in QUIRKS.values():
         if quirk.rule not in known and quirk.rule not in found:
             found[quirk.rule] = Clause(quirk.rule, quirk.citation, Level.MUST, quirk.spec_says, "model:quirks",
-                                       _device_ids_of(quirk.rule), _features_of(quirk.rule))
+                                       _device_ids_of(quirk.rule), _features_of(quirk.rule),
+                                       unreachable=UNREACHABLE.get(quirk.rule, ""))
     return list(found.values())
 
 

@@ -144,3 +144,11 @@ def test_a_malformed_clause_is_refused() -> None:
         Clause("NoDots", Section("2.1", "x"), Level.MUST, "s", "suite")
     with pytest.raises(ValueError, match="no summary"):
         Clause("suite.x", Section("2.1", "x"), Level.MUST, "", "suite")
+
+
+def test_every_unreachable_clause_is_a_model_rule_and_not_applicable_with_its_reason() -> None:
+    model_rules = {entry.rule for entry in rules.catalog()} | {quirk.rule for quirk in QUIRKS.values()}
+    assert clauses.UNREACHABLE and set(clauses.UNREACHABLE) <= model_rules
+    for clause_id, reason in clauses.UNREACHABLE.items():
+        assert clauses.clause(clause_id).not_applicable_reason(1) == reason
+    assert clauses.clause("vhost_vdpa.vring.index").not_applicable_reason(1) is None  # the rule that decides

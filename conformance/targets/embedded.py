@@ -66,6 +66,12 @@ class FrontTarget(Target):
             raise
         return self._front
 
+    def open_again(self) -> None:
+        """A second open of the device while this one holds it (closed at once if it succeeds)."""
+        if self._front is None or self._front.closed:
+            raise OSError(errno.EBADF, f"target {self.name} is not open")
+        VhostVdpa(self._front.parent, self._registry).close()
+
     def service(self) -> int:
         """Drain the kick eventfds and kick those queues now (VhostVdpa.poll_kicks, no waiting)."""
         front = self._front

@@ -137,5 +137,9 @@ class VhostVdpaDevTarget(Target):
             raise
         return channel
 
+    def open_again(self) -> None:
+        """A second ``open()`` of the node while this one holds it (vhost_vdpa_open answers EBUSY)."""
+        os.close(os.open(self.path, os.O_RDWR | os.O_CLOEXEC))
+
     def _make_memory(self, size: int, gpa: int) -> GuestMemory:
         return GuestMemory(size, gpa, register=False)

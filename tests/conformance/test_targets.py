@@ -255,3 +255,19 @@ def test_the_char_device_channel_uses_real_system_calls() -> None:
         client.close()
     with pytest.raises(TargetDied):
         client.get_features()
+
+
+def test_a_second_open_of_a_held_device_is_refused_with_ebusy() -> None:
+    """vhost_vdpa_open's exclusivity, as the lockstep checks it (vhost_vdpa.open.exclusive)."""
+    from vdpacert.conformance.lockstep import Lockstep
+
+    with make_target("sim-blk") as target:
+        with pytest.raises(OSError) as refused:
+            target.open_again()
+        assert refused.value.errno == errno.EBUSY
+        ls = Lockstep(target)
+        ls.close_and_reopen()
+        assert ls.exercised["vhost_vdpa.open.exclusive"] == 1 and ls.exercised["vhost_vdpa.fd.closed"] == 1
+    with pytest.raises(OSError) as closed:
+        target.open_again()
+    assert closed.value.errno == errno.EBADF

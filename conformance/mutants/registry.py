@@ -11,9 +11,9 @@ against every entry of :data:`MUTANTS` and reports which clause caught it. Each 
 (:func:`target_string` builds that string). The other attributes are the reference device's
 own (``capacity``, ``queue_size``, ``max_vq_pairs``, ``mtu``, ``mac``, ``features``, ...).
 
-``clause_hint`` names the rule the bug breaks: a rule id of the model's catalog
-(:func:`vdpacert.model.rules.catalog`) where the catalog has one, otherwise a proposed id for
-the conformance clause catalog (:func:`uncatalogued_hints` lists those).
+``clause_hint`` names the clause the bug breaks, an id of the conformance clause catalog
+(:mod:`vdpacert.conformance.clauses`: a model rule, or a suite clause where no single rule owns
+the observation); :func:`uncatalogued_hints` lists any that is not, and must list none.
 
 The mutants are parent drivers, so unlike the rest of ``conformance/`` they are written against
 ``vdpacert.impl`` (the parent-driver protocol and the reference devices they extend); nothing
@@ -69,7 +69,7 @@ _ALL = [
     _m("reset_keeps_vq_state", status.ResetKeepsVqState,
        "reset leaves last_avail_idx: GET_VRING_BASE after reset is the old position", "status.device.reset_clears"),
     _m("consume_before_driver_ok", status.ConsumeBeforeDriverOk,
-       "buffers consumed on a kick after FEATURES_OK, before DRIVER_OK", "status.device.no_buffers_before_driver_ok"),
+       "buffers consumed on a kick after FEATURES_OK, before DRIVER_OK", "suite.status.no_use_before_driver_ok"),
     _m("needs_reset_not_sticky", status.NeedsResetNotSticky,
        "DEVICE_NEEDS_RESET cleared by the driver's next status write", "status.device.needs_reset_sticks"),
     # notifications
@@ -98,15 +98,15 @@ _ALL = [
     # suspend and vring base
     _m("vring_base_from_avail_idx", suspend.VringBaseFromAvailIdx,
        "GET_VRING_BASE after suspend reports the driver's avail idx, not last_avail_idx",
-       "vhost_vdpa.vring_base.exact_after_suspend"),
+       "suite.lockstep.vq_state"),
     _m("set_vring_base_ignored", suspend.SetVringBaseIgnored,
-       "SET_VRING_BASE answered success but not applied", "vhost_vdpa.vring_base.restored"),
+       "SET_VRING_BASE answered success but not applied", "suite.lockstep.vq_state"),
     _m("suspend_keeps_processing", suspend.SuspendKeepsProcessing,
-       "kicks still processed while suspended", "vhost_vdpa.suspend.no_processing"),
+       "kicks still processed while suspended", "suite.suspend.no_progress"),
     _m("resume_loses_kick", suspend.ResumeLosesKick,
-       "a kick that arrived while suspended is not processed at resume", "vhost_vdpa.resume.pending_kicks"),
+       "a kick that arrived while suspended is not processed at resume", "suite.suspend.kick_not_lost"),
     _m("vring_base_drops_wrap_counters", suspend.VringBaseDropsWrapCounters,
-       "packed GET_VRING_BASE reports both wrap counters as 1", "vhost_vdpa.vring_base.exact_after_suspend"),
+       "packed GET_VRING_BASE reports both wrap counters as 1", "suite.lockstep.vq_state"),
     # config space
     _m("config_size_overreported", config.ConfigSizeOverreported,
        "config size over-reported by 8: out-of-bounds config writes accepted", "vdpa_device.config.bounds"),
@@ -115,19 +115,19 @@ _ALL = [
        "suite.lockstep.config"),
     # memory translation
     _m("iotlb_invalidate_ignored", iotlb.InvalidateIgnored,
-       "IOTLB INVALIDATE acknowledged but the translation stays", "ring.bad_input.address_unmapped"),
+       "IOTLB INVALIDATE acknowledged but the translation stays", "suite.iotlb.no_access_unmapped"),
     _m("identity_map_kept", iotlb.IdentityMapKept,
        "an identity pass-through map stays under userspace's map: unmapped IOVAs reachable",
-       "ring.bad_input.address_unmapped"),
+       "suite.iotlb.no_access_unmapped"),
     _m("iotlb_perm_ignored", iotlb.PermIgnored,
-       "read-only mappings programmed read-write: the device writes RO memory", "ring.bad_input.address_permission"),
+       "read-only mappings programmed read-write: the device writes RO memory", "suite.iotlb.no_access_unmapped"),
     _m("asid_ignored", iotlb.AsidIgnored,
-       "SET_GROUP_ASID acknowledged, every group still translates through ASID 0", "vhost_vdpa.group_asid.applied"),
+       "SET_GROUP_ASID acknowledged, every group still translates through ASID 0", "suite.iotlb.asid_isolation"),
     # dirty log
     _m("dirty_log_misses_used_ring", dirty_log.LogMissesUsedRing,
-       "VHOST_VRING_F_LOG dropped: used-ring writes not logged", "dirty_log.used_ring"),
+       "VHOST_VRING_F_LOG dropped: used-ring writes not logged", "suite.dirty_log.covers_used_ring"),
     _m("dirty_log_misses_buffers", dirty_log.LogMissesBufferWrites,
-       "writes into device-writable buffers not logged", "dirty_log.buffers"),
+       "writes into device-writable buffers not logged", "suite.dirty_log.covers_writes"),
     # device types
     _m("mq_pairs_above_max", net.MqPairsAboveMax,
        "VQ_PAIRS_SET above max_virtqueue_pairs acked OK", "net.ctrl.MQ_VQ_PAIRS_SET.bad_value"),
@@ -175,8 +175,7 @@ def target_string(name: str, **attrs: int | str) -> str:
 
 
 def uncatalogued_hints() -> dict[str, str]:
-    """Mutant name -> clause hint, for hints that are not (yet) rule ids of the model's catalog."""
-    from vdpacert.model import rules
+    """Mutant name -> clause hint, for hints that are not ids of the conformance clause catalog."""
+    from vdpacert.conformance import clauses
 
-    known = set(rules.by_id())
-    return {mutant.name: mutant.clause_hint for mutant in MUTANTS.values() if mutant.clause_hint not in known}
+    return {mutant.name: mutant.clause_hint for mutant in MUTANTS.values() if not clauses.is_clause(mutant.clause_hint)}

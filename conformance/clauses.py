@@ -86,6 +86,8 @@ class Clause:
     #: Why no check through the vhost-vdpa interface can reach the clause on a conforming target ("" when
     #: one can): unless a run records something for it, the clause is not applicable, with this reason.
     unreachable: str = ""
+    #: The fewest address spaces (VHOST_VDPA_GET_AS_NUM) the device must have for the clause to be checkable.
+    min_address_spaces: int = 0
 
     def __post_init__(self) -> None:
         if not CLAUSE_ID.match(self.id):
@@ -108,7 +110,7 @@ class Clause:
         return self.level is Level.MUST
 
     def not_applicable_reason(self, device_id: int, features: int | None = None,
-                              backend_features: int | None = None) -> str | None:
+                              backend_features: int | None = None, address_spaces: int | None = None) -> str | None:
         """Why the clause cannot be checked on this device, or None when it applies.
 
         ``features`` / ``backend_features`` are what the device offers; None (not known yet) makes
@@ -129,10 +131,14 @@ class Clause:
                 backend_features & self.requires_backend_features != self.requires_backend_features):
             missing = self.requires_backend_features & ~backend_features
             return f"the device does not offer backend feature {_bit_list(missing, _BACKEND_BITS)}"
+        if address_spaces is not None and address_spaces < self.min_address_spaces:
+            return (f"the device has {address_spaces} address space{'s' if address_spaces != 1 else ''}; the clause "
+                    f"needs at least {self.min_address_spaces}")
         return None
 
-    def applies_to(self, device_id: int, features: int | None = None, backend_features: int | None = None) -> bool:
-        return self.not_applicable_reason(device_id, features, backend_features) is None
+    def applies_to(self, device_id: int, features: int | None = None, backend_features: int | None = None,
+                   address_spaces: int | None = None) -> bool:
+        return self.not_applicable_reason(device_id, features, backend_features, address_spaces) is None
 
     def __str__(self) -> str:
         return f"{self.id} [{self.level_name}] {self.summary} ({self.citation})"
@@ -258,8 +264,10 @@ _LOG_ALL: Final = _bit(T.VHOST_F_LOG_ALL)
 
 
 def _suite(clause_id: str, level: Level, citation: Citation, summary: str, *,
-           devices: frozenset[int] | None = None, features: int = 0, backend: int = 0) -> Clause:
-    return Clause(clause_id, citation, level, summary, SUITE, devices, features, backend)
+           devices: frozenset[int] | None = None, features: int = 0, backend: int = 0,
+           min_address_spaces: int = 0) -> Clause:
+    return Clause(clause_id, citation, level, summary, SUITE, devices, features, backend,
+                  min_address_spaces=min_address_spaces)
 
 
 MUST, SHOULD = Level.MUST, Level.SHOULD
@@ -289,7 +297,7 @@ SUITE_CLAUSES: Final = (
            "the device reaches guest memory only through current IOTLB mappings with the right permission"),
     _suite("suite.iotlb.asid_isolation", MUST, sections.vhost_vdpa("vhost_vdpa_vring_ioctl"),
            "a virtqueue group translates through the address space it is bound to, and no other",
-           backend=_bit(T.VHOST_BACKEND_F_IOTLB_ASID)),
+           backend=_bit(T.VHOST_BACKEND_F_IOTLB_ASID), min_address_spaces=2),
     # Notifications.
     _suite("suite.notify.call_signalled", MUST, sections.vhost_vdpa("vhost_vdpa_virtqueue_cb"),
            "a used buffer notification the model requires reaches the queue's call eventfd"),

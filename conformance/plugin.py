@@ -20,6 +20,7 @@ it writes nothing, so it may stay installed in any project.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import sys
@@ -116,18 +117,21 @@ def shard(nodeids: Sequence[str], index: int, count: int) -> list[str]:
 
 @dataclass(frozen=True)
 class DeviceInfo:
-    """What the target said about itself: the device id and the feature words it offers."""
+    """What the target said about itself: the device id, the feature words it offers, its address spaces."""
 
     device_id: int
     features: int | None
     backend_features: int | None
+    address_spaces: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"device_id": self.device_id, "features": self.features, "backend_features": self.backend_features}
+        return {"device_id": self.device_id, "features": self.features, "backend_features": self.backend_features,
+                "address_spaces": self.address_spaces}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> DeviceInfo:
-        return cls(int(data["device_id"]), data.get("features"), data.get("backend_features"))
+        return cls(int(data["device_id"]), data.get("features"), data.get("backend_features"),
+                   data.get("address_spaces"))
 
 
 def probe(target: Target) -> DeviceInfo:
@@ -146,8 +150,11 @@ def probe(target: Target) -> DeviceInfo:
             backend = client.get_backend_features()
         except OSError:
             pass
+    address_spaces: int | None = None
+    with contextlib.suppress(OSError):  # a front without VHOST_VDPA_GET_AS_NUM (before Linux 5.17): not known
+        address_spaces = client.get_as_num()
     target.reopen()
-    return DeviceInfo(device_id, features, backend)
+    return DeviceInfo(device_id, features, backend, address_spaces)
 
 
 class ConformanceRun:
@@ -396,7 +403,8 @@ def _build_report(run: ConformanceRun) -> Report:
             print(f"vdpacert: cannot open {run.target_name} to learn its device: {error}", file=sys.stderr)
     info = RunInfo(run.target_name, run.run_profile.name, run.target_profile.name, run.seed, run.started,
                    datetime.now(UTC), None if device is None else device.device_id,
-                   None if device is None else device.features, None if device is None else device.backend_features)
+                   None if device is None else device.features, None if device is None else device.backend_features,
+                   address_spaces=None if device is None else device.address_spaces)
     return build_report(recorder, info, run.target_profile)
 
 

@@ -67,6 +67,7 @@ class RunInfo:
     features: int | None = None
     backend_features: int | None = None
     version: str = __version__
+    address_spaces: int | None = None
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,8 @@ class Report:
             "finished": run.finished.isoformat(),
             "device": {"id": run.device_id,
                        "name": None if run.device_id is None else clauses.device_name(run.device_id),
-                       "features": _hex(run.features), "backend_features": _hex(run.backend_features)},
+                       "features": _hex(run.features), "backend_features": _hex(run.backend_features),
+                       "address_spaces": run.address_spaces},
             "exit_status": self.exit_status,
             "summary": {verdict.value: n for verdict, n in self.counts.items()},
             "clauses": [row.to_json() for row in self.clauses],
@@ -176,7 +178,7 @@ class Report:
         run = RunInfo(data["target"], data["profile"], data["target_profile"], data["seed"],
                       datetime.fromisoformat(data["started"]), datetime.fromisoformat(data["finished"]),
                       device["id"], _unhex(device["features"]), _unhex(device["backend_features"]),
-                      data["version"])
+                      data["version"], device.get("address_spaces"))
         return cls(run, tuple(ClauseRow.from_json(c) for c in data["clauses"]),
                    tuple(Failure.from_json(f) for f in data["failures"]),
                    tuple(QuirkRow.from_json(q) for q in data["quirks"]))
@@ -200,7 +202,7 @@ def build_report(recorder: Recorder, run: RunInfo, target_profile: TargetProfile
     rows = tuple(
         ClauseRow(r.clause.id, str(r.clause.citation), r.clause.level_name, r.verdict, r.examples, r.failures,
                   r.warnings, r.quirks, r.reason, r.clause.summary)
-        for r in recorder.results(run.device_id, run.features, run.backend_features))
+        for r in recorder.results(run.device_id, run.features, run.backend_features, run.address_spaces))
     seen = {(q.clause, q.name): q for q in recorder.quirks}
     quirks = []
     for declared in () if target_profile is None else target_profile.quirks:

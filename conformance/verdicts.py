@@ -211,11 +211,11 @@ class Recorder:
         return tuple(QuirkObservation(c, n, count, detail) for (c, n), (count, detail) in self._quirks.items())
 
     def verdict(self, clause_id: str, device_id: int | None = None, features: int | None = None,
-                backend_features: int | None = None) -> Verdict:
-        return self.result(clauses.clause(clause_id), device_id, features, backend_features).verdict
+                backend_features: int | None = None, address_spaces: int | None = None) -> Verdict:
+        return self.result(clauses.clause(clause_id), device_id, features, backend_features, address_spaces).verdict
 
     def result(self, clause: Clause, device_id: int | None = None, features: int | None = None,
-               backend_features: int | None = None) -> ClauseResult:
+               backend_features: int | None = None, address_spaces: int | None = None) -> ClauseResult:
         """The verdict of ``clause``; ``device_id`` None skips the applicability test."""
         cid = clause.id
         fails, warns, examples = self._counts["fail"][cid], self._counts["warn"][cid], self._exercised[cid]
@@ -230,15 +230,16 @@ class Recorder:
         elif examples:
             verdict = Verdict.PASS
         else:
-            na = None if device_id is None else clause.not_applicable_reason(device_id, features, backend_features)
+            na = None if device_id is None else clause.not_applicable_reason(device_id, features, backend_features,
+                                                                             address_spaces)
             verdict = Verdict.NOT_EXERCISED if na is None else Verdict.NOT_APPLICABLE
             reason = "no check of this clause ran" if na is None else na
         return ClauseResult(clause, verdict, examples, fails, warns, names, reason)
 
     def results(self, device_id: int | None = None, features: int | None = None,
-                backend_features: int | None = None) -> tuple[ClauseResult, ...]:
+                backend_features: int | None = None, address_spaces: int | None = None) -> tuple[ClauseResult, ...]:
         """One result per catalog clause, in catalog order."""
-        return tuple(self.result(c, device_id, features, backend_features) for c in clauses.catalog())
+        return tuple(self.result(c, device_id, features, backend_features, address_spaces) for c in clauses.catalog())
 
     def exit_status(self) -> int:
         """0 when no MUST clause failed, else 1 (warnings, quirks and gaps do not fail a run)."""

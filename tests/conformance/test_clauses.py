@@ -152,3 +152,11 @@ def test_every_unreachable_clause_is_a_model_rule_and_not_applicable_with_its_re
     for clause_id, reason in clauses.UNREACHABLE.items():
         assert clauses.clause(clause_id).not_applicable_reason(1) == reason
     assert clauses.clause("vhost_vdpa.vring.index").not_applicable_reason(1) is None  # the rule that decides
+
+
+def test_address_space_isolation_needs_two_address_spaces() -> None:
+    isolation = clauses.clause("suite.iotlb.asid_isolation")
+    assert isolation.not_applicable_reason(2, address_spaces=None) is None  # not known: kept
+    assert isolation.not_applicable_reason(2, address_spaces=2) is None
+    assert isolation.not_applicable_reason(2, address_spaces=1) == (
+        "the device has 1 address space; the clause needs at least 2")

@@ -89,7 +89,8 @@ def test_json_report_has_the_required_keys_and_round_trips(report: Report, tmp_p
     assert datetime.fromisoformat(data["started"]) == STARTED
     assert datetime.fromisoformat(data["finished"]) == STARTED + timedelta(seconds=75)
     assert data["exit_status"] == 1
-    assert data["device"] == {"id": 2, "name": "virtio-blk", "features": hex(BLK_FEATURES), "backend_features": "0x36"}
+    assert data["device"] == {"id": 2, "name": "virtio-blk", "features": hex(BLK_FEATURES), "backend_features": "0x36",
+                              "address_spaces": None}
     row = next(c for c in data["clauses"] if c["id"] == "blk.data.integrity")
     assert row["section"] == "virtio v1.3 §5.2.6.2 Block Device: Device Requirements: Device Operation"
     assert (row["level"], row["verdict"], row["examples"]) == ("MUST", "fail", 30)

@@ -88,6 +88,10 @@ class Clause:
     unreachable: str = ""
     #: The fewest address spaces (VHOST_VDPA_GET_AS_NUM) the device must have for the clause to be checkable.
     min_address_spaces: int = 0
+    #: What the device must do for the clause to have anything to judge ("" when nothing): a rule for the
+    #: driver's reaction to a device choice, or a refusal only a device without some ability gives. A
+    #: clause with one that no check reached is not applicable, and the reason says what it waits for.
+    precondition: str = ""
 
     def __post_init__(self) -> None:
         if not CLAUSE_ID.match(self.id):
@@ -110,11 +114,14 @@ class Clause:
         return self.level is Level.MUST
 
     def not_applicable_reason(self, device_id: int, features: int | None = None,
-                              backend_features: int | None = None, address_spaces: int | None = None) -> str | None:
+                              backend_features: int | None = None, address_spaces: int | None = None, *,
+                              for_listing: bool = False) -> str | None:
         """Why the clause cannot be checked on this device, or None when it applies.
 
         ``features`` / ``backend_features`` are what the device offers; None (not known yet) makes
-        the feature conditions count as met, so a clause is never dropped on a guess.
+        the feature conditions count as met, so a clause is never dropped on a guess. A
+        ``precondition`` makes the clause not applicable unless ``for_listing`` (the question is then
+        whether the device *can* be checked on it at all, as :func:`for_device` asks).
         """
         if self.unreachable:
             return self.unreachable
@@ -131,6 +138,8 @@ class Clause:
                 backend_features & self.requires_backend_features != self.requires_backend_features):
             missing = self.requires_backend_features & ~backend_features
             return f"the device does not offer backend feature {_bit_list(missing, _BACKEND_BITS)}"
+        if self.precondition and not for_listing:
+            return f"only a device that {self.precondition} gives this clause something to judge; no check of it ran"
         if address_spaces is not None and address_spaces < self.min_address_spaces:
             return (f"the device has {address_spaces} address space{'s' if address_spaces != 1 else ''}; the clause "
                     f"needs at least {self.min_address_spaces}")
@@ -138,7 +147,8 @@ class Clause:
 
     def applies_to(self, device_id: int, features: int | None = None, backend_features: int | None = None,
                    address_spaces: int | None = None) -> bool:
-        return self.not_applicable_reason(device_id, features, backend_features, address_spaces) is None
+        return self.not_applicable_reason(device_id, features, backend_features, address_spaces,
+                                          for_listing=True) is None
 
     def __str__(self) -> str:
         return f"{self.id} [{self.level_name}] {self.summary} ({self.citation})"
@@ -177,6 +187,17 @@ _FEATURE_GATES: Final = (
     (re.compile(r"^notify\.[a-z]+\.[a-z]+\.event_idx\."), _bit(R.VIRTIO_RING_F_EVENT_IDX)),
     (re.compile(r"^ring\.[a-z]+\.device\.in_order$"), _bit(C.VIRTIO_F_IN_ORDER)),
     (re.compile(r"^net\.ctrl\."), _bit(N.VIRTIO_NET_F_CTRL_VQ)),
+    # A command's own rules (answer, payload, value) need its feature; without it only `not_negotiated` applies.
+    (re.compile(r"^net\.ctrl\.(driver\.)?RX_(PROMISC|ALLMULTI)\.(?!not_negotiated$)"), _bit(N.VIRTIO_NET_F_CTRL_RX)),
+    (re.compile(r"^net\.ctrl\.(driver\.)?RX_(ALLUNI|NOMULTI|NOUNI|NOBCAST)\.(?!not_negotiated$)"),
+     _bit(N.VIRTIO_NET_F_CTRL_RX_EXTRA)),
+    (re.compile(r"^net\.ctrl\.(driver\.)?MAC_TABLE_SET\.(?!not_negotiated$)"), _bit(N.VIRTIO_NET_F_CTRL_RX)),
+    (re.compile(r"^net\.ctrl\.(driver\.)?MAC_ADDR_SET\.(?!not_negotiated$)"), _bit(N.VIRTIO_NET_F_CTRL_MAC_ADDR)),
+    (re.compile(r"^net\.ctrl\.(driver\.)?VLAN_(ADD|DEL)\.(?!not_negotiated$)"), _bit(N.VIRTIO_NET_F_CTRL_VLAN)),
+    (re.compile(r"^net\.ctrl\.(driver\.)?ANNOUNCE_ACK\.(?!not_negotiated$)"), _bit(N.VIRTIO_NET_F_GUEST_ANNOUNCE)),
+    (re.compile(r"^net\.ctrl\.(driver\.)?MQ_VQ_PAIRS_SET\.(?!not_negotiated$)"), _bit(N.VIRTIO_NET_F_MQ)),
+    (re.compile(r"^net\.(driver\.)?(tx|rx)\.inactive_pair$"), _bit(N.VIRTIO_NET_F_MQ)),
+    (re.compile(r"^blk\.config\.writeback\."), _bit(B.VIRTIO_BLK_F_CONFIG_WCE)),
     (re.compile(r"^net\.config\.mtu\."), _bit(N.VIRTIO_NET_F_MTU)),
     (re.compile(r"^net\.config\.(speed|duplex)\."), _bit(N.VIRTIO_NET_F_SPEED_DUPLEX)),
     (re.compile(r"^blk\.FLUSH\.ok"), _bit(B.VIRTIO_BLK_F_FLUSH)),
@@ -242,9 +263,35 @@ UNREACHABLE: Final[dict[str, str]] = {
 }
 
 
+_ASKS_SUPPRESSION: Final = "asks the driver to suppress notifications"
+_WRITES_BAD_SUPPRESSION: Final = "writes an invalid or reserved notification suppression value"
+
+#: Model rules with something the device must do first (:attr:`Clause.precondition`).
+PRECONDITIONS: Final[dict[str, str]] = {
+    "notify.split.avail.flags.flags_set": f"{_ASKS_SUPPRESSION} (VRING_USED_F_NO_NOTIFY)",
+    "notify.packed.avail.flags.packed_disable": f"{_ASKS_SUPPRESSION} (RING_EVENT_FLAGS_DISABLE)",
+    "notify.packed.avail.event_idx.packed_disable": f"{_ASKS_SUPPRESSION} (RING_EVENT_FLAGS_DISABLE)",
+    "notify.packed.avail.event_idx.packed_enable": "leaves its event suppression at ENABLE under EVENT_IDX",
+    "notify.split.avail.flags.flags_invalid": _WRITES_BAD_SUPPRESSION,
+    "notify.packed.avail.flags.packed_reserved": _WRITES_BAD_SUPPRESSION,
+    "notify.packed.avail.event_idx.packed_reserved": _WRITES_BAD_SUPPRESSION,
+    "notify.packed.avail.flags.packed_desc_without_event_idx": _WRITES_BAD_SUPPRESSION,
+    "net.config.driver_write.unmapped": "has configuration bytes that belong to no field",
+    "blk.config.driver_write.unmapped": "has configuration bytes that belong to no field",
+    "iotlb.update.outside_iova_range": "has an IOVA range (GET_IOVA_RANGE) narrower than the whole 64-bit space",
+    "vhost_vdpa.log.unsupported": "has no device dirty log (VHOST_F_LOG_ALL not offered, as Linux vhost-vdpa)",
+    "vdpa_device.set_group_asid.group": "has fewer virtqueue groups than virtqueues",
+    "net.tx.gso_not_receivable": "offers a GSO transmit feature (HOST_TSO4, HOST_TSO6, HOST_UFO or HOST_USO)",
+}
+#: Model rules that need more than one address space.
+_MULTI_AS: Final = frozenset({"vhost_vdpa.msg.batch_asid"})
+
+
 def _from_model() -> list[Clause]:
     return [Clause(entry.rule, entry.citation, entry.level, entry.summary, f"model:{entry.source}",
-                   _device_ids_of(entry.rule), _features_of(entry.rule), unreachable=UNREACHABLE.get(entry.rule, ""))
+                   _device_ids_of(entry.rule), _features_of(entry.rule), unreachable=UNREACHABLE.get(entry.rule, ""),
+                   min_address_spaces=2 if entry.rule in _MULTI_AS else 0,
+                   precondition=PRECONDITIONS.get(entry.rule, ""))
             for entry in rules.catalog()]
 
 
@@ -401,7 +448,7 @@ def not_applicable(device_id: int, features: int | None = None, backend_features
     """Clause id -> why it does not apply to this device, in catalog order."""
     reasons: dict[str, str] = {}
     for c in catalog() if clauses is None else clauses:
-        reason = c.not_applicable_reason(device_id, features, backend_features)
+        reason = c.not_applicable_reason(device_id, features, backend_features, for_listing=True)
         if reason is not None:
             reasons[c.id] = reason
     return reasons

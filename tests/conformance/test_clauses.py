@@ -87,7 +87,7 @@ def test_feature_gates_name_the_missing_bits() -> None:
     assert packed_event.applies_to(NET, VERSION_1 | RING_PACKED | EVENT_IDX)
     assert packed_event.not_applicable_reason(NET, VERSION_1 | EVENT_IDX) == \
         "the device does not offer VIRTIO_F_RING_PACKED"
-    assert clauses.clause("net.ctrl.RX_PROMISC.ok").not_applicable_reason(NET, VERSION_1) == \
+    assert clauses.clause("net.ctrl.RX_PROMISC.not_negotiated").not_applicable_reason(NET, VERSION_1) == \
         "the device does not offer VIRTIO_NET_F_CTRL_VQ"
     assert clauses.clause("blk.FLUSH.ok").not_applicable_reason(BLK, VERSION_1) == \
         "the device does not offer VIRTIO_BLK_F_FLUSH"
@@ -160,3 +160,19 @@ def test_address_space_isolation_needs_two_address_spaces() -> None:
     assert isolation.not_applicable_reason(2, address_spaces=2) is None
     assert isolation.not_applicable_reason(2, address_spaces=1) == (
         "the device has 1 address space; the clause needs at least 2")
+
+
+def test_a_clause_waiting_on_the_device_says_what_it_waits_for() -> None:
+    waiting = clauses.clause("notify.split.avail.flags.flags_set")
+    assert waiting.precondition and waiting.applies_to(1)  # checkable on any device that does it
+    reason = waiting.not_applicable_reason(1)
+    assert reason is not None and "VRING_USED_F_NO_NOTIFY" in reason and "no check of it ran" in reason
+    assert set(clauses.PRECONDITIONS) <= {c.id for c in clauses.catalog()}
+
+
+def test_a_command_rule_needs_its_feature_but_not_negotiated_does_not() -> None:
+    offer = 1 << 17  # CTRL_VQ only
+    assert clauses.clause("net.ctrl.VLAN_ADD.ok").not_applicable_reason(1, offer) is not None
+    assert clauses.clause("net.ctrl.driver.VLAN_ADD.bad_value").not_applicable_reason(1, offer) is not None
+    assert clauses.clause("net.ctrl.VLAN_ADD.not_negotiated").not_applicable_reason(1, offer) is None
+    assert clauses.clause("net.ctrl.VLAN_ADD.ok").not_applicable_reason(1, offer | 1 << 19) is None

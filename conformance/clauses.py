@@ -281,6 +281,10 @@ PRECONDITIONS: Final[dict[str, str]] = {
     "iotlb.update.outside_iova_range": "has an IOVA range (GET_IOVA_RANGE) narrower than the whole 64-bit space",
     "vhost_vdpa.log.unsupported": "has no device dirty log (VHOST_F_LOG_ALL not offered, as Linux vhost-vdpa)",
     "vdpa_device.set_group_asid.group": "has fewer virtqueue groups than virtqueues",
+    "blk.DISCARD.too_many_sectors": "advertises a max_discard_sectors a 32-bit segment can exceed (not 0xffffffff)",
+    "blk.WRITE_ZEROES.too_many_sectors": "advertises a max_write_zeroes_sectors a 32-bit segment can exceed "
+                                         "(not 0xffffffff)",
+    "blk.driver.too_many_sectors": "advertises a discard or write-zeroes sector limit a 32-bit segment can exceed",
     "net.tx.gso_not_receivable": "offers a GSO transmit feature (HOST_TSO4, HOST_TSO6, HOST_UFO or HOST_USO)",
 }
 #: Model rules that need more than one address space.

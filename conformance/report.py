@@ -210,7 +210,13 @@ def build_report(recorder: Recorder, run: RunInfo, target_profile: TargetProfile
         quirks.append(QuirkRow(declared.name, declared.clause, declared.description, declared.origin,
                                declared.reference, 0 if observation is None else observation.count,
                                "" if observation is None else observation.detail))
+    declared_by_name = {} if target_profile is None else {q.name: q for q in target_profile.quirks}
     for observation in seen.values():
+        named = declared_by_name.get(observation.name)
+        if named is not None:  # one declared behaviour that decides more than one clause (size 0 and wrapping)
+            quirks.append(QuirkRow(observation.name, observation.clause, named.description, named.origin,
+                                   named.reference, observation.count, observation.detail))
+            continue
         quirks.append(QuirkRow(observation.name, observation.clause, "not declared by the target profile",
                                "observed", "", observation.count, observation.detail))
     return Report(run, rows, recorder.failures, tuple(quirks))
@@ -416,8 +422,9 @@ def text_table(report: Report, *, show: Iterable[Verdict] | None = None, width: 
     lines.append(f"{len(report.clauses)} clauses: {totals}" + (f" ({hidden} rows not listed)" if hidden else ""))
     observed = [q for q in report.quirks if q.observed]
     if report.quirks:
-        lines.append(f"quirks: {len(report.quirks)} declared, {len(observed)} observed: "
-                     + (", ".join(f"{q.name} x{q.observed}" for q in observed) or "none"))
+        declared = {q.name for q in report.quirks if q.origin != "observed"}
+        lines.append(f"quirks: {len(declared)} declared, {len({q.name for q in observed})} observed: "
+                     + (", ".join(f"{q.name} on {q.clause} x{q.observed}" for q in observed) or "none"))
     lines.append(f"exit status {report.exit_status}: "
                  + ("no MUST clause failed" if report.exit_status == 0 else "a MUST clause failed"))
     return "\n".join(lines) + "\n"

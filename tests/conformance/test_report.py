@@ -183,7 +183,8 @@ def test_text_table(report: Report) -> None:
     listed = [line.split()[0] for line in short.splitlines()[2:] if line and line.split()[0] in ids]
     assert listed == [QUIRK_RULE, "blk.GET_ID.length", "blk.data.integrity"]  # catalog order
     assert f"({len(report.clauses) - 3} rows not listed)" in short
-    assert "quirks: 17 declared, 1 observed: vdpa_sim.features_ok_never_refused x1" in short
+    assert ("quirks: 17 declared, 1 observed: vdpa_sim.features_ok_never_refused on "
+            "status.device.refuse_invalid_features x1") in short
 
 
 def test_text_failures_carry_the_sequence_and_the_replay_command(report: Report) -> None:

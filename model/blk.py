@@ -589,7 +589,7 @@ class BlkDiskModel:
             return self._out(UNKNOWN_TYPE, writable=writable)
         if row.feature is not None and not features >> row.feature & 1:
             return self._out(request_rule(row.name, Answer.NOT_NEGOTIATED), writable=writable)
-        if row.mutates and self.read_only:
+        if row.mutates and self.read_only and row.data != "segments":
             return self._out(request_rule(row.name, Answer.READ_ONLY), writable=writable)
         handler = {"in": self._read, "out": self._write, "none": self._flush, "id": self._get_id,
                    "segments": self._segments}[row.data]
@@ -675,6 +675,10 @@ class BlkDiskModel:
             if not self._in_range(start, count):
                 return ioerr(Answer.BEYOND_CAPACITY, DRIVER_BEYOND_CAPACITY,
                              f"segment [{start}, +{count}) passes capacity {self.capacity}")
+        # Read-only last: an unknown flag is UNSUPP by a MUST, and the malformed requests above are IOERR
+        # whatever the disk; the read-only IOERR (a SHOULD) is the answer to an otherwise valid request.
+        if self.read_only:
+            return self._out(request_rule(name, Answer.READ_ONLY), writable=writable)
         ranges = [(start, count) for start, count, _ in segs if count]
         disk = self.contents.zero(ranges)
         if is_discard:

@@ -11,6 +11,9 @@ a :class:`~vdpacert.conformance.driver.memory.GuestLayout` and the features to n
    (every status write is read back);
 2. drives traffic (net frames, blk requests) through split or packed rings, kicking through
    the kick eventfds and calling ``service`` (an embedded target's hook that processes the kicks);
+   each kick is read against the model's row for available buffer notifications, and a
+   :class:`KickObserver` may have it sent late or not at all; the call eventfds are read per queue
+   (:meth:`DriverSession.notified`);
 3. waits for used entries against a deadline: a device that never answers is a
    :class:`~vdpacert.conformance.driver.DeviceTimeout`, never a hang.
 
@@ -20,6 +23,7 @@ A failed ioctl or a refused status during bring-up is a
 
 from __future__ import annotations
 
+import enum
 import os
 import select
 import time
@@ -32,6 +36,7 @@ from vdpacert.conformance.driver.memory import GuestLayout
 from vdpacert.conformance.driver.packed import PackedRing
 from vdpacert.conformance.driver.split import Chain, SplitRing, Used
 from vdpacert.conformance.driver.traffic import RX_BUF, BlkRequest, Frame, net_hdr, parse_frame
+from vdpacert.model.notify import NotifyRule
 from vdpacert.uapi import vhost_types as T  # noqa: N812
 from vdpacert.uapi import virtio_net as N  # noqa: N812
 from vdpacert.uapi.virtio_config import (
@@ -74,6 +79,22 @@ class VhostOps(Protocol):
     def set_vring_call(self, index: int, fd: int, /) -> None: ...
     def set_vring_enable(self, index: int, enable: bool, /) -> None: ...
     def iotlb_update(self, iova: int, size: int, uaddr: int, perm: int, /, *, asid: int = 0) -> None: ...
+
+
+class KickChoice(enum.Enum):
+    """What the driver does with one kick its caller asked for, given the model's row for it."""
+
+    SEND = "notify now"
+    LATE = "let the device run un-notified first, then notify"  # breaks a MUST-notify row on purpose
+    SKIP = "do not notify"  # follows a SHOULD-NOT-notify row: the device asked not to be kicked
+
+
+class KickObserver(Protocol):
+    """Told about every kick a session makes, and asked how to make it (see :meth:`DriverSession.kick`)."""
+
+    def choose_kick(self, index: int, rule: NotifyRule) -> KickChoice: ...
+    def before_late_kick(self, index: int, rule: NotifyRule) -> None: ...
+    def after_kick(self, index: int, rule: NotifyRule, choice: KickChoice) -> None: ...
 
 
 def net_queues(features: int, pairs: int = 1) -> list[int]:
@@ -122,6 +143,8 @@ class DriverSession:
         self._blk: dict[tuple[int, int], BlkRequest] = {}
         self._fds: list[int] = []
         self.up = False
+        #: Chooses how each kick is made and hears about it (None: every kick is sent at once).
+        self.kick_observer: KickObserver | None = None
 
     # ----- bring-up ------------------------------------------------------------------------------------
 
@@ -218,9 +241,26 @@ class DriverSession:
     # ----- notifications -------------------------------------------------------------------------------
 
     def kick(self, index: int) -> None:
-        """The driver's notification: write the queue's kick eventfd, then let the target service it."""
-        os.eventfd_write(self.kicks[index], 1)
+        """The driver's notification: write the queue's kick eventfd, then let the target service it.
+
+        The ring reads the model's row for this notification (what was published since the last
+        decision, against the device's suppression) and the decision point moves here. A
+        :attr:`kick_observer` may have the kick sent late (the device is serviced un-notified first)
+        or not at all (the device asked not to be notified); without one it is always sent.
+        """
+        ring = self.rings[index]
+        rule = ring.avail_notification()
+        ring.notification_decided()
+        observer = self.kick_observer
+        choice = KickChoice.SEND if observer is None else observer.choose_kick(index, rule)
+        if observer is not None and choice is KickChoice.LATE:
+            self.pump()
+            observer.before_late_kick(index, rule)
+        if choice is not KickChoice.SKIP:
+            os.eventfd_write(self.kicks[index], 1)
         self.pump()
+        if observer is not None:
+            observer.after_kick(index, rule, choice)
 
     def pump(self) -> None:
         if self.service is not None:
@@ -232,6 +272,19 @@ class DriverSession:
             return os.eventfd_read(self.calls[index])
         except BlockingIOError:
             return 0
+
+    def wait_notified(self, index: int, seconds: float) -> int:
+        """:meth:`notified`, waiting up to ``seconds`` (servicing the target) for a first signal."""
+        deadline = time.monotonic() + seconds
+        got = self.notified(index)
+        while not got:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self.pump()
+            self._wait([index], min(_POLL_SLICE, remaining))
+            got = self.notified(index)
+        return got
 
     def _wait(self, indexes: Sequence[int], seconds: float) -> None:
         poller = select.poll()

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from vdpacert.conformance.driver import DeviceViolation
 from vdpacert.conformance.driver.memory import GuestLayout
 from vdpacert.conformance.driver.split import Chain, RingFull, Used, place_buffers, release_chain
-from vdpacert.model.notify import RingPosition, packed_event_passed
+from vdpacert.model.notify import Direction, NotifyRule, RingPosition, packed_event_passed, packed_notification
 from vdpacert.model.ring_index import PackedVqState, encode_packed_base
 from vdpacert.uapi.virtio_ring import (
     VIRTQUEUE_MAX_SIZE,
@@ -83,7 +83,7 @@ class PackedRing:
         self.start, self.start_wrap = start, wrap
         self.next_avail, self.avail_wrap = start, wrap
         self.next_used, self.used_wrap = start, wrap
-        self.kicked_at = RingPosition(start, wrap)
+        self.kicked_at = self.published = RingPosition(start, wrap)
         self.free_ids: deque[int] = deque(range(num))
         self.outstanding: dict[int, Chain] = {}
         self.order: deque[int] = deque()  # buffer ids in the order they were made available
@@ -117,6 +117,36 @@ class PackedRing:
         off_wrap, flags = EVENT.unpack(self.layout.read(self.device_event, 4))
         return int(off_wrap), int(flags)
 
+    def read_driver_event(self) -> tuple[int, int]:
+        """The driver event suppression structure (off_wrap, flags), as this driver last wrote it."""
+        off_wrap, flags = EVENT.unpack(self.layout.read(self.driver_event, 4))
+        return int(off_wrap), int(flags)
+
+    def device_used_position(self) -> RingPosition:
+        """Where the device's used position is now, read from the ring without reaping anything.
+
+        Walks forward from the driver's next used slot over descriptors used in the current lap, each
+        standing for its whole list (§2.8.7); stops at the first one that is not a used, outstanding,
+        published buffer (reaping is what judges those). Needed because a packed ring has no used index.
+        """
+        pos, wrap = self.next_used, self.used_wrap
+        seen: set[int] = set()
+        walked = 0
+        while walked < self.num:
+            flags = self.layout.read_u16(self.desc + 16 * pos + 14)
+            if flags & (AVAIL | USED) != used_flags(wrap):
+                break
+            buffer_id = self.layout.read_u16(self.desc + 16 * pos + 12)
+            chain = self.outstanding.get(buffer_id)
+            if chain is None or buffer_id in seen or buffer_id not in self.order or not chain.slots:
+                break
+            seen.add(buffer_id)
+            walked += len(chain.slots)
+            pos += len(chain.slots)
+            if pos >= self.num:
+                pos, wrap = pos - self.num, wrap ^ 1
+        return RingPosition(pos, wrap)
+
     # ----- raw writers (hostile rings) ---------------------------------------------------------------
 
     def write_desc(self, slot: int, addr: int, length: int, buffer_id: int, flags: int) -> None:
@@ -136,6 +166,17 @@ class PackedRing:
     def set_used_event(self, slot: int, wrap: int) -> None:
         """With EVENT_IDX: notify me once the device has used the descriptor at (``slot``, ``wrap``)."""
         self.set_driver_event(VRING_PACKED_EVENT_FLAG_DESC, slot | wrap << VRING_PACKED_EVENT_F_WRAP_CTR)
+
+    def avail_notification(self) -> NotifyRule:
+        """The model's row for notifying the device now: the lists published since the last decision, read
+        against the device event suppression structure. Decides nothing."""
+        off_wrap, flags = self.read_device_event()
+        return packed_notification(Direction.AVAIL, event_idx=self.event_idx, event_flags=flags, off_wrap=off_wrap,
+                                   num=self.num, old=self.kicked_at, new=self.published)
+
+    def notification_decided(self) -> None:
+        """The driver decided (to notify or not) for everything published so far: the next window starts here."""
+        self.kicked_at = self.published
 
     def prepare_kick(self) -> bool:
         """Does the device want a notification for what was published since the last call?"""
@@ -217,6 +258,7 @@ class PackedRing:
             self.layout.write_u16(self.desc + 16 * slot + 14, flags)
         self.order.extend(buffer_id for buffer_id, _, _ in self.pending)
         self.pending.clear()
+        self.published = RingPosition(self.next_avail, self.avail_wrap)
 
     def reap(self) -> list[Used]:
         """Every newly used descriptor, in ring order, validated; their slots, ids and buffers are freed."""

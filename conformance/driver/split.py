@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from vdpacert.conformance.driver import DeviceViolation
 from vdpacert.conformance.driver.memory import GuestLayout, Region
+from vdpacert.model.notify import Direction, NotifyRule, split_notification
 from vdpacert.model.ring_index import vring_need_event
 from vdpacert.uapi.virtio_ring import (
     VIRTQUEUE_MAX_SIZE,
@@ -142,6 +143,11 @@ class SplitRing:
         self.avail_idx = self.last_used = self.kicked_at = self.start
         self.write_avail_idx(self.start)
         layout.write_u16(self.used + 2, self.start)
+        #: avail_event as the driver laid it out. With EVENT_IDX, as a ring that has really run up to ``start``
+        #: looks: the device last asked for a kick at the first entry it has not taken (a fresh ring: 0).
+        #: Without it the field is not the device's to write (§2.7.10): it must stay as it is.
+        self.initial_avail_event = self.start if event_idx else 0
+        layout.write_u16(self.used + 4 + 8 * num, self.initial_avail_event)
 
     # ----- addresses and state ----------------------------------------------------------------------
 
@@ -167,6 +173,12 @@ class SplitRing:
 
     def avail_event(self) -> int:
         return self.layout.read_u16(self.used + 4 + 8 * self.num)
+
+    def avail_flags(self) -> int:
+        return self.layout.read_u16(self.avail)
+
+    def used_event(self) -> int:
+        return self.layout.read_u16(self.avail + 4 + 2 * self.num)
 
     def read_used_elem(self, slot: int) -> tuple[int, int]:
         head, length = USED_ELEM.unpack(self.layout.read(self.used + 4 + 8 * (slot % self.num), 8))
@@ -209,6 +221,16 @@ class SplitRing:
         if self.event_idx:
             return vring_need_event(self.avail_event(), new, old)
         return not self.used_flags() & VRING_USED_F_NO_NOTIFY
+
+    def avail_notification(self) -> NotifyRule:
+        """The model's row for notifying the device now: what was published since the last decision, read
+        against the device's suppression (used flags, or avail_event with EVENT_IDX). Decides nothing."""
+        return split_notification(Direction.AVAIL, event_idx=self.event_idx, flags=self.used_flags(),
+                                  event=self.avail_event(), old_idx=self.kicked_at, new_idx=self.avail_idx)
+
+    def notification_decided(self) -> None:
+        """The driver decided (to notify or not) for everything published so far: the next window starts here."""
+        self.kicked_at = self.avail_idx
 
     # ----- the honest driver -------------------------------------------------------------------------
 

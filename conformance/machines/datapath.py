@@ -9,11 +9,19 @@ canary check (nothing outside the device-writable windows changed) and, when log
 dirty-log check of :mod:`.dirty`; then it takes the next step's snapshot and clears the log.
 
 Shared rules: reset at any point (the device is reset and brought up again, maybe with other
-features) and hostile chains of every bad-input class the driver harness can write for the ring
-layout in use (:data:`vdpacert.model.chains.BAD_INPUTS`). Every device may answer bad input the way
-the model's table allows; what the machine insists on is the rows' common part: the chain is never
-used as valid, nothing outside the windows is written, and the device (SHOULD) sets
-DEVICE_NEEDS_RESET. The device is then reset and brought up again.
+features) and hostile chains of every bad-input class of :data:`vdpacert.model.chains.BAD_INPUTS`
+(:mod:`.hostile` writes them, switching ring layout or INDIRECT_DESC when a class needs it). Every
+device may answer bad input the way the model's table allows; what the machine insists on is the
+rows' common part (:mod:`.ring_checks`): the chain is never used as valid, no buffer it was not given
+is written, and the device (SHOULD) sets DEVICE_NEEDS_RESET. The same step hands the device ring
+sizes and misaligned areas the layout rules forbid, compared with the model's answers. The device is
+then reset and brought up again.
+
+Notifications (:mod:`.notify_watch`): each bring-up also draws where the rings start (near the
+65535 -> 0 index wrap about half the time, through VHOST_SET_VRING_BASE) and the driver's
+suppression choices; after every kick and every step the call eventfd of each queue is compared
+with what :mod:`vdpacert.model.notify` says the device owed, and the driver's own kicks follow the
+model's rows for what the device asked.
 
 Every check names a clause of :mod:`vdpacert.conformance.clauses`, and the machine counts the clauses
 it exercised (``self.exercised``, summed per machine class in ``clause_counts``).
@@ -34,11 +42,16 @@ from vdpacert.conformance.client import VhostClient
 from vdpacert.conformance.driver import DeviceFailure, DeviceTimeout, DeviceViolation
 from vdpacert.conformance.driver.device import DriverSession
 from vdpacert.conformance.driver.memory import PAGE, GuestLayout, Snapshot
-from vdpacert.conformance.driver.packed import AVAIL, USED, PackedRing, avail_flags
-from vdpacert.conformance.driver.split import INDIRECT, NEXT, WRITE, Chain, RingFull, SplitRing, Used
+from vdpacert.conformance.driver.packed import PackedRing
+from vdpacert.conformance.driver.split import RingFull, SplitRing, Used
+from vdpacert.conformance.machines import ring_checks
 from vdpacert.conformance.machines.dirty import NO_SPURIOUS, DirtyLogWatch, changed_pages, log_bytes_for
+from vdpacert.conformance.machines.hostile import HOSTILE_PER_STEP, hostile_classes, hostile_menu, post_hostile
+from vdpacert.conformance.machines.notify_watch import DriverDraws, NotifyWatch, draw_driver
+from vdpacert.conformance.machines.traffic_rules import TrafficRules
 from vdpacert.conformance.targets import Target, make_target
-from vdpacert.model.chains import BAD_INPUTS, BadInput, Layout
+from vdpacert.conformance.targets.embedded import FrontTarget
+from vdpacert.model.chains import BAD_INPUTS, BadInput, ChainFault
 from vdpacert.model.ring_index import decode_packed_base
 from vdpacert.uapi import vhost_types as T  # noqa: N812
 from vdpacert.uapi.virtio_config import VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_RING_PACKED
@@ -162,119 +175,12 @@ class SessionClient:
 
 
 # ----- hostile chains --------------------------------------------------------------------------------------
-
-def hostile_classes(packed: bool, indirect: bool, aliases: bool) -> list[BadInput]:
-    """The bad-input classes the harness can write on this ring layout (rows of BAD_INPUTS that apply)."""
-    layout = Layout.PACKED if packed else Layout.SPLIT
-    out = []
-    for bad, row in BAD_INPUTS.items():
-        if layout not in row.layouts:
-            continue
-        if bad is BadInput.INDIRECT_NOT_NEGOTIATED and indirect:
-            continue
-        if bad is BadInput.ADDRESS_PERMISSION and not aliases:
-            continue
-        if packed and bad is BadInput.DESCRIPTOR_LOOP:  # a packed list has no links to loop through
-            continue
-        out.append(bad)
-    return out
-
-
-def _scratch(layout: GuestLayout, chain_allocs: list[int], size: int = 64) -> int:
-    offset = layout.alloc(size, 16, what="hostile chain buffer")
-    chain_allocs.append(offset)
-    return layout.iova(offset)
-
-
-def _keep(chain: Chain, allocs: list[int]) -> Chain:
-    chain.allocations += allocs
-    return chain
-
-
-def post_hostile(ring: Ring, bad: BadInput, *, writable: bool, unmapped_iova: int, ro_alias: int,
-                 wo_alias: int) -> Chain | None:
-    """Write and publish one chain (or ring state) of class ``bad``; None when no chain stands for it."""
-    layout = ring.layout
-    w = WRITE if writable else 0
-    allocs: list[int] = []
-    if isinstance(ring, SplitRing):
-        if bad is BadInput.DESCRIPTOR_LOOP:
-            return ring.post_loop()
-        if bad is BadInput.NESTED_INDIRECT:
-            return ring.post_nested_indirect()
-        if bad is BadInput.INDEX_OUT_OF_RANGE:
-            return ring.post_head_out_of_range()
-        if bad is BadInput.AVAIL_IDX_AHEAD:
-            ring.push_avail_idx_ahead()
-            return None
-        buf = _scratch(layout, allocs)
-        second = ring.free[1] if len(ring.free) > 1 else 0
-        descs: list[tuple[int, int, int, int]]
-        if bad in (BadInput.CHAIN_TOO_LONG, BadInput.INDIRECT_LEN_NOT_MULTIPLE_OF_16, BadInput.ZERO_LENGTH_INDIRECT,
-                   BadInput.INDIRECT_NOT_NEGOTIATED, BadInput.INDIRECT_IN_CHAIN):
-            entries = ring.num + 1 if bad is BadInput.CHAIN_TOO_LONG else 2
-            table = layout.alloc(16 * entries, 16, what="hostile indirect table")
-            allocs.append(table)
-            for i in range(entries):
-                more = i + 1 < entries
-                ring.write_desc(i, buf, 16, w | (NEXT if more else 0), i + 1 if more else 0, table=table)
-            length = {BadInput.INDIRECT_LEN_NOT_MULTIPLE_OF_16: 24, BadInput.ZERO_LENGTH_INDIRECT: 0}.get(
-                bad, 16 * entries)
-            if bad is BadInput.INDIRECT_IN_CHAIN:
-                descs = [(layout.iova(table), length, INDIRECT | NEXT, second), (buf, 16, w, 0)]
-            else:
-                descs = [(layout.iova(table), length, INDIRECT, 0)]
-        elif bad is BadInput.ADDRESS_UNMAPPED:
-            descs = [(unmapped_iova, 64, w, 0)]
-        elif bad is BadInput.ADDRESS_PERMISSION:
-            descs = [(ro_alias if writable else wo_alias, 64, w, 0)]
-        elif bad is BadInput.TOTAL_LENGTH_OVERFLOW:
-            descs = [(buf, 16, w | NEXT, second), (buf, 0xFFFF_FFFF, w, 0)]
-        elif bad is BadInput.READABLE_AFTER_WRITABLE:
-            descs = [(buf, 16, WRITE | NEXT, second), (buf, 16, 0, 0)]
-        else:
-            raise ValueError(f"{bad} cannot be written on a split ring")
-        return _keep(ring.post_raw(descs), allocs)
-    # packed
-    if bad is BadInput.INDIRECT_IN_CHAIN:
-        return ring.post_indirect_in_list()
-    buf = _scratch(layout, allocs)
-    pdescs: list[tuple[int, int, int]]
-    if bad in (BadInput.CHAIN_TOO_LONG, BadInput.INDIRECT_LEN_NOT_MULTIPLE_OF_16, BadInput.ZERO_LENGTH_INDIRECT,
-               BadInput.INDIRECT_NOT_NEGOTIATED):
-        entries = ring.num + 1 if bad is BadInput.CHAIN_TOO_LONG else 2
-        table = layout.alloc(16 * entries, 16, what="hostile indirect table")
-        allocs.append(table)
-        for i in range(entries):
-            ring.write_indirect(table, i, buf, 16, w)
-        length = {BadInput.INDIRECT_LEN_NOT_MULTIPLE_OF_16: 24, BadInput.ZERO_LENGTH_INDIRECT: 0}.get(
-            bad, 16 * entries)
-        pdescs = [(layout.iova(table), length, INDIRECT)]
-    elif bad is BadInput.ADDRESS_UNMAPPED:
-        pdescs = [(unmapped_iova, 64, w)]
-    elif bad is BadInput.ADDRESS_PERMISSION:
-        pdescs = [(ro_alias if writable else wo_alias, 64, w)]
-    elif bad is BadInput.TOTAL_LENGTH_OVERFLOW:
-        pdescs = [(buf, 16, w), (buf, 0xFFFF_FFFF, w)]
-    elif bad is BadInput.READABLE_AFTER_WRITABLE:
-        pdescs = [(buf, 16, WRITE), (buf, 16, 0)]
-    elif bad is BadInput.DESC_NOT_AVAILABLE:
-        wrap = ring.avail_wrap
-        chain = ring.post_raw([(buf, 16, w), (buf, 16, w)], publish=False)
-        second_slot = chain.slots[1]
-        slot_wrap = wrap if second_slot > chain.slots[0] else 1 - wrap  # the list may wrap past the ring's end
-        addr, length, buffer_id, flags = ring.read_desc(second_slot)
-        ring.write_desc(second_slot, addr, length, buffer_id, flags & ~(AVAIL | USED) | avail_flags(1 - slot_wrap))
-        ring.publish()
-        return _keep(chain, allocs)
-    else:
-        raise ValueError(f"{bad} cannot be written on a packed ring")
-    return _keep(ring.post_raw(pdescs), allocs)
+# Built by .hostile (hostile_classes, post_hostile; re-exported here) and checked by .ring_checks.
 
 
 # ----- the machine -----------------------------------------------------------------------------------------
 
-class DatapathMachine(RuleBasedStateMachine):
+class DatapathMachine(TrafficRules, RuleBasedStateMachine):
     """The skeleton (see the module docstring). Subclasses set TARGET and implement the device hooks."""
 
     TARGET: ClassVar[str] = ""
@@ -321,8 +227,15 @@ class DatapathMachine(RuleBasedStateMachine):
         end = self.layout.iova_base + self.layout.size
         self.unmapped_iova, self.ro_alias, self.wo_alias = end + _UNMAPPED_GAP, end + _RO_ALIAS_GAP, end + _WO_ALIAS_GAP
         self.aliases = False
+        #: Used-buffer notifications and the driver's own kicks, held against model/notify.py. An in-process
+        #: front runs the device inside ``service``: a signal it owes cannot come later, so none is waited for
+        #: (a shrinking run replays a missed one hundreds of times).
+        in_process = isinstance(self.target, FrontTarget)
+        self.notify = NotifyWatch(self.count, self.fail, self.status, 0.0 if in_process else self.SETTLE)
+        self.ring_draws = DriverDraws()
 
     def teardown(self) -> None:
+        self.notify.detach()
         if self.session is not None:
             self.session.close()
             self.session = None
@@ -359,13 +272,22 @@ class DatapathMachine(RuleBasedStateMachine):
     # ----- features and bring-up -------------------------------------------------------------------------
 
     def draw_features(self, data: st.DataObject) -> int:
-        features = self.device_features(data)
-        for bit in RING_BITS:
-            if self.offered & bit and data.draw(st.booleans(), label=f"ring feature {bit:#x}"):
-                features |= bit
+        # The ring layout first, as one choice of four: the notification rows differ in all four.
+        packed, event_idx, indirect = RING_BITS
+        layouts = [bits for bits in (0, packed, event_idx, packed | event_idx) if not bits & ~self.offered]
+        features = data.draw(st.sampled_from(layouts), label="ring layout (RING_PACKED, EVENT_IDX)")
+        if self.offered & indirect and data.draw(st.booleans(), label="INDIRECT_DESC"):
+            features |= indirect
+        features |= self.device_features(data)
         if self.offered & LOG_ALL and data.draw(st.booleans(), label="VHOST_F_LOG_ALL"):
             features |= LOG_ALL
+        self.draw_ring_plan(data, features)
         return features
+
+    def draw_ring_plan(self, data: st.DataObject, features: int) -> None:
+        """The driver side of the next bring-up with ``features``: ring starts (near the index wrap about
+        half the time) and per-step notification choices (see :mod:`.notify_watch`)."""
+        self.ring_draws = draw_driver(data, self.queues(features), self.NUM)
 
     def bring_up(self, features: int) -> None:
         """(Re)initialise the device: reset, features, queues, DRIVER_OK; the dirty log; the alias maps."""
@@ -378,11 +300,13 @@ class DatapathMachine(RuleBasedStateMachine):
             if self.aliases:
                 client.iotlb_invalidate(self.ro_alias, PAGE)
                 client.iotlb_invalidate(self.wo_alias, PAGE)
+        self.notify.detach()
         self.features = features
         logging = bool(features & LOG_ALL)
         self.client.watch = self.watch if logging else None
+        plan = self.ring_draws.plan(features, self.queues(features), self.NUM)
         session = DriverSession(self.client, self.layout, features, queues=self.queues(features), num=self.NUM,
-                                service=self.target.service, timeout=self.SETTLE)
+                                starts=plan.starts, service=self.target.service, timeout=self.SETTLE)
         self.session = session
         if logging and not self.log_installed:  # before DRIVER_OK: the device may write its rings from then on
             try:
@@ -394,6 +318,7 @@ class DatapathMachine(RuleBasedStateMachine):
                     raise
         self.watch.active = logging and self.log_installed
         session.bring_up()
+        self.notify.attach(session, plan)
         self.aliases = False
         try:
             uaddr = self.layout.uaddr(self.scratch)
@@ -452,6 +377,11 @@ class DatapathMachine(RuleBasedStateMachine):
             raise self.fail(NO_PROGRESS, f"{what}: the suspended device wrote {len(changed)} page(s), first at "
                                          f"offset {offset:#x} ({self.layout.owner(offset)})")
 
+    @invariant()
+    def notifications_as_the_model_says(self) -> None:
+        """Every queue's used-notification window closes (signals vs the model's row); the next step's opens."""
+        self.notify.next_step()
+
     # ----- vring base --------------------------------------------------------------------------------------
 
     def check_vring_base(self, index: int) -> int:
@@ -496,6 +426,8 @@ class DatapathMachine(RuleBasedStateMachine):
     def reset_and_bring_up_again(self, data: st.DataObject, same: bool) -> None:
         """Reset at any point: whatever was in flight is abandoned; the device starts over."""
         self.count("suite.lockstep.status")
+        if same:
+            self.draw_ring_plan(data, self.features)
         self.bring_up(self.features if same else self.draw_features(data))
 
     def reap_all(self, index: int) -> list[Used]:
@@ -505,40 +437,72 @@ class DatapathMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.session is not None)
     @rule(data=st.data())
     def hostile_chain(self, data: st.DataObject) -> None:
-        """A chain of one bad-input class: never used as valid; the device should ask to be reset."""
-        assert self.session is not None
-        targets = [(q, w) for q, w in self.hostile_targets() if self.ring(q).in_flight == 0]
-        if not targets:
-            return
-        queue, writable = data.draw(st.sampled_from(targets), label="hostile queue")
-        bad = data.draw(st.sampled_from(hostile_classes(self.packed, self.indirect, self.aliases)), label="bad input")
-        ring = self.ring(queue)
-        try:
-            chain = post_hostile(ring, bad, writable=writable, unmapped_iova=self.unmapped_iova,
-                                 ro_alias=self.ro_alias, wo_alias=self.wo_alias)
-        except (RingFull, MemoryError):
-            return
-        self.count(BAD_INPUTS[bad].rule)
-        self.provoke(queue)
-        self.target.service()
-        self.count(BAD_CHAIN)
-        for index in self.session.rings:
+        """Chains of HOSTILE_PER_STEP consecutive bad-input classes (:mod:`.hostile`), and the ring layouts a
+        driver may not hand over.
+
+        For each chain the model walks what was published and names its row. Once the device has seen
+        it: nothing written into the buffers of any outstanding chain, the hostile queue's used ring as
+        the model predicts, every ring reaped and validated; after the first, the layout probes (they
+        reset the device); last, since it is a SHOULD, DEVICE_NEEDS_RESET; then the device comes up again
+        for the next. See :mod:`.ring_checks`.
+        """
+        pick = data.draw(st.integers(0, len(BAD_INPUTS) - 1), label="bad input")
+        for step in range(HOSTILE_PER_STEP):
+            assert self.session is not None
+            menu = hostile_menu(self.features, self.offered, self.aliases)
+            # Rotated by the hostile chains this example already posted: consecutive classes within a step,
+            # and examples whose draws repeat (Hypothesis favours the first choice) still walk the whole menu.
+            posted: int = getattr(self, "hostile_posted", 0)
+            bad, features = menu[(pick + posted) % len(menu)]
+            if features != self.features:  # the class needs the other ring layout or INDIRECT_DESC
+                self.bring_up(features)
+            targets = [(q, w) for q, w in self.hostile_targets() if self.ring(q).in_flight == 0]
+            if not targets:
+                return
+            queue, writable = data.draw(st.sampled_from(targets), label="hostile queue")
+            ring = self.ring(queue)
+            snapshot = self.snapshot if step == 0 and self.snapshot is not None else self.layout.snapshot()
+            position = ring_checks.device_position(ring)
             try:
-                self.reap_all(index)
-            except DeviceViolation as error:
-                if error.clause == BAD_CHAIN:
-                    raise self.fail(BAD_CHAIN, f"{bad.value}: {error.message}") from None
-                raise
-        used = chain is not None and chain.id not in ring.outstanding
-        if bad in NOT_DETECTABLE:
+                chain = post_hostile(ring, bad, writable=writable, unmapped_iova=self.unmapped_iova,
+                                     ro_alias=self.ro_alias, wo_alias=self.wo_alias)
+            except (RingFull, MemoryError):
+                return
+            self.hostile_posted = posted + 1
+            aliases = [(self.ro_alias, self.scratch, T.VHOST_ACCESS_RO),
+                       (self.wo_alias, self.scratch, T.VHOST_ACCESS_WO)] if self.aliases else []
+            fault = ring_checks.model_verdict(ring, position, self.features,
+                                              ring_checks.layout_translator(self.layout, aliases))
+            if not isinstance(fault, ChainFault) or fault.bad is not bad:
+                raise AssertionError(f"harness: the {bad.value} chain on queue {queue} is {fault} to the model")
+            self.count(fault.row.rule)
+            self.provoke(queue)
+            self.target.service()
+            rings = self.session.rings
+            ring_checks.check_after_bad(self, self.layout, snapshot, rings.values(), ring, chain, fault,
+                                        packed=self.packed)
+            for index, each in rings.items():
+                had = each.in_flight > 0
+                try:
+                    reaped = self.reap_all(index)
+                except DeviceViolation as error:
+                    raise self.fail(error.clause, f"{bad.value} on queue {queue}: {error.message}") from None
+                if had or reaped:
+                    for clause in ring_checks.used_rules(each, bool(reaped)):
+                        self.count(clause)
+            used = chain is not None and chain.id not in ring.outstanding
+            status = self.status()
+            if step == 0:
+                ring_checks.check_ring_layout(self, self.target, backend_features=self.session.backend_features,
+                                              features=self.features, packed=self.packed, index=queue,
+                                              num=ring.num, addresses=ring.addresses)
+            if bad not in NOT_DETECTABLE:
+                self.count(NEEDS_RESET_ON_ERROR)
+                if not status & VIRTIO_CONFIG_S_NEEDS_RESET:
+                    raise self.fail(NEEDS_RESET_ON_ERROR, f"queue {queue}: {bad.value} ({fault.row.rule}) "
+                                                          f"{'was used with len 0' if used else 'was left unused'} "
+                                                          "and DEVICE_NEEDS_RESET is not set")
             self.bring_up(self.features)
-            return
-        self.count(NEEDS_RESET_ON_ERROR)
-        if not self.status() & VIRTIO_CONFIG_S_NEEDS_RESET:
-            raise self.fail(NEEDS_RESET_ON_ERROR, f"queue {queue}: {bad.value} ({BAD_INPUTS[bad].rule}) "
-                                                  f"{'was used with len 0' if used else 'was left unused'} and "
-                                                  "DEVICE_NEEDS_RESET is not set")
-        self.bring_up(self.features)
 
     def wait_used(self, index: int, count: int, clause: str, what: str) -> list[Used]:
         """At least ``count`` used entries of queue ``index`` within SETTLE seconds, else ``clause``."""

@@ -1,21 +1,34 @@
-"""The virtio-blk datapath machine: requests at random sectors and at the capacity boundary, vs the model.
+"""The virtio-blk datapath machine: every request type, good and bad, at any sector, vs the model.
 
 The model is :class:`vdpacert.model.blk.BlkDiskModel`: for each request (readable bytes, writable
 lengths, negotiated features) it gives the status byte, the data the device writes and the disk
-afterwards, with the rule that fixed the answer. The machine submits IN, OUT, FLUSH, GET_ID,
-DISCARD and WRITE_ZEROES (also when their feature is not negotiated: UNSUPP is then the answer),
-with sectors drawn anywhere on the disk and around ``capacity``. Every status is compared with the
-model (citing the model's rule), every read with both the model and a
-:class:`~vdpacert.conformance.driver.traffic.BlkShadow` of sector patterns (``blk.data.integrity``:
-a discarded sector's content is left open), every used length against what the device can have
-written from the first writable byte (§2.7.8.2: the device MUST have written at least ``len``).
+afterwards, with the rule that fixed the answer and the driver rules the request breaks.
+:mod:`.blk_requests` builds what the machine sends: IN, OUT, FLUSH, GET_ID, DISCARD and
+WRITE_ZEROES at sectors anywhere on the disk and around ``capacity`` (also when their feature is
+not negotiated: UNSUPP is then the answer); every type the device must not execute under the
+negotiated features (the zoned, lifetime and secure-erase types included) and a type the spec
+does not define; one request per driver rule of §5.2.6.1 the device can tell apart. A driver rule
+(``blk.driver.*``) counts as exercised when a request broke it and the device's answer was
+compared with what the model allows.
+
+Every status is compared with the model (citing the model's rule), every used length with what
+the device can have written from the first writable byte (§2.7.8.2), every read with both the
+model and a :class:`~vdpacert.conformance.driver.traffic.BlkShadow` of sector patterns
+(``blk.data.integrity``; a discarded sector's content is left open). Data the device must not
+store (a refused OUT, a ZONE_APPEND without ZONED, ...) is pattern data of a generation no
+accepted write has, so a sector found holding it names the refused request's rule. The GET_ID
+string is the device's own: the first answer must be a NUL-padded ASCII string and is learned,
+later ones must repeat it. One answer is accepted besides the model's: OK with the ID truncated
+to a GET_ID area other than 20 bytes (Linux's vdpa_sim_blk; see :mod:`.blk_requests`).
 
 Requests of one batch that touch the same sector (one of them writing) are split into separate
 kicks: virtio-blk leaves the order of concurrent requests open, so only their separate outcomes
-are predictable. The GET_ID string is the device's own: the first answer is learned, later ones
-must repeat it.
+are predictable. A failed DISCARD / WRITE_ZEROES may have done part of its work (§5.2.6), so the
+in-range sectors it named are left open afterwards.
 
-Also: hostile chains (shared with the net machine), malformed requests (no status byte, a header
+Rules without draws (GET_ID, the capacity boundary) make a device that gets those wrong fail in
+the shortest example there is. Also: sectors written then zeroed or discarded and read back,
+hostile chains (shared with the net machine), malformed requests (no status byte, a header
 shorter than 16 bytes: IOERR or DEVICE_NEEDS_RESET, never a disk write), suspend/resume with
 requests kicked while suspended, and reset at any point (the disk survives a reset).
 """
@@ -24,7 +37,7 @@ from __future__ import annotations
 
 import struct
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import ClassVar
 
 from hypothesis import strategies as st
@@ -36,22 +49,32 @@ from vdpacert.conformance.driver.split import RingFull
 from vdpacert.conformance.driver.traffic import (
     SECTOR,
     UNKNOWN,
-    BlkRequest,
     BlkShadow,
     blk_discard,
-    blk_flush,
     blk_get_id,
     blk_in,
     blk_out,
     blk_write_zeroes,
+    identify_sector,
     sector_pattern,
+)
+from vdpacert.conformance.machines.blk_requests import (
+    BlkLimits,
+    Planned,
+    fake_data,
+    get_id_truncated_ok,
+    id_string_problem,
+    plan_driver_errors,
+    plan_unsupported,
+    plan_well_formed,
+    raw_request,
 )
 from vdpacert.conformance.machines.datapath import KICK_NOT_LOST, NEEDS_RESET_ON_ERROR, DatapathMachine
 from vdpacert.model.blk import BAD_INPUT_STATUSES, BlkDiskModel, BlkOutcome
 from vdpacert.uapi import virtio_blk as B  # noqa: N812
 from vdpacert.uapi.virtio_config import VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_VERSION_1
 
-__all__ = ["BlkDatapathMachine", "blk_machine"]
+__all__ = ["BlkDatapathMachine", "Planned", "blk_machine"]
 
 INTEGRITY = "blk.data.integrity"
 USED_LEN_SPLIT = "ring.split.device.used_ring"
@@ -60,26 +83,9 @@ _OPTIONAL = (B.VIRTIO_BLK_F_FLUSH, B.VIRTIO_BLK_F_DISCARD, B.VIRTIO_BLK_F_WRITE_
              B.VIRTIO_BLK_F_SEG_MAX, B.VIRTIO_BLK_F_BLK_SIZE)
 #: A generation no OUT the shadow records ever reaches: data for writes the model refuses.
 _REFUSED_GENERATION = 1 << 40
-
-
-@dataclass
-class Planned:
-    """One request as the machine builds it: what to send, and what the OK case changes in the shadow."""
-
-    kind: str
-    request: BlkRequest
-    sector: int = 0
-    count: int = 0
-    segments: tuple[tuple[int, int], ...] = ()
-
-    def sectors(self) -> set[int]:
-        if self.kind in ("in", "out"):
-            return set(range(self.sector, self.sector + self.count))
-        return {s for start, n in self.segments for s in range(start, start + n)}
-
-    @property
-    def mutates(self) -> bool:
-        return self.kind in ("out", "discard", "write_zeroes")
+#: Requests per kick: a request takes up to 3 descriptors and the ring has NUM (16) of them.
+MAX_GROUP = 5
+GET_ID_LENGTH = "blk.GET_ID.length"
 
 
 class BlkDatapathMachine(DatapathMachine):
@@ -104,7 +110,23 @@ class BlkDatapathMachine(DatapathMachine):
             max_write_zeroes_seg=u32(B.VIRTIO_BLK_CONFIG_MAX_WRITE_ZEROES_SEG, B.VIRTIO_BLK_F_WRITE_ZEROES))
         self.shadow = BlkShadow(self.capacity)  # a new device's disk reads as zeroes
         self.serial: bytes | None = None
-        self.refused_writes = 0
+        self.fakes = 0
+        #: fake-data generation -> the rule under which the device refused the request carrying it
+        self.leaks: dict[int, str] = {_REFUSED_GENERATION: "blk.request.no_status_byte"}
+        self.tolerated: Counter[str] = Counter()
+        self.recent: list[int] = []  # sectors recent OUTs stored data in
+
+    @property
+    def limits(self) -> BlkLimits:
+        """What request builders need to know: the disk, its discard / write-zeroes limits, the features."""
+        m = self.model
+        return BlkLimits(self.capacity, self.features, m.max_discard_sectors, m.max_discard_seg,
+                         m.max_write_zeroes_sectors, m.max_write_zeroes_seg)
+
+    def next_fake(self) -> int:
+        """A pattern generation no accepted write has, for data the device may refuse (see :attr:`leaks`)."""
+        self.fakes += 1
+        return _REFUSED_GENERATION + self.fakes
 
     # ----- features and queues ---------------------------------------------------------------------------
 
@@ -113,7 +135,8 @@ class BlkDatapathMachine(DatapathMachine):
         features = (1 << VIRTIO_F_VERSION_1) | (offered & 1 << VIRTIO_F_ACCESS_PLATFORM)
         features |= offered & 1 << B.VIRTIO_BLK_F_RO  # a read-only disk stays read-only for this driver too
         for bit in _OPTIONAL:
-            if offered >> bit & 1 and data.draw(st.booleans(), label=f"blk feature {bit}"):
+            # Two in three: most request types (and their driver errors) need their feature negotiated.
+            if offered >> bit & 1 and data.draw(st.sampled_from([True, False, True]), label=f"blk feature {bit}"):
                 features |= 1 << bit
         return features
 
@@ -125,32 +148,18 @@ class BlkDatapathMachine(DatapathMachine):
 
     # ----- building requests -----------------------------------------------------------------------------
 
+    def data_sectors(self) -> st.SearchStrategy[int]:
+        """A sector a recent OUT stored data in (any sector of the disk when there is none)."""
+        anywhere = st.integers(0, max(0, self.capacity - 1))
+        return st.one_of(st.sampled_from(self.recent), anywhere) if self.recent else anywhere
+
     def sectors(self) -> st.SearchStrategy[int]:
         cap = self.capacity
         return st.one_of(st.integers(0, max(0, cap - 1)), st.integers(max(0, cap - 4), cap + 4),
                          st.sampled_from([2**32, 2**63, 2**64 - 1]))
 
     def plan(self, data: st.DataObject) -> Planned:
-        kind = data.draw(st.sampled_from(["in", "out", "out", "flush", "get_id", "discard", "write_zeroes"]),
-                         label="request")
-        if kind in ("in", "out"):
-            sector, count = data.draw(self.sectors(), label="sector"), data.draw(st.integers(1, 8), label="count")
-            if kind == "in":
-                return Planned(kind, blk_in(sector, count), sector, count)
-            # Pattern data for the sectors, recorded in the shadow only if the device is to store it.
-            fake = b"".join(sector_pattern(s & 0xFFFF_FFFF, _REFUSED_GENERATION + self.refused_writes)
-                            for s in range(sector, sector + count))
-            return Planned(kind, blk_out(sector, fake), sector, count)
-        if kind == "flush":
-            return Planned(kind, blk_flush())
-        if kind == "get_id":
-            return Planned(kind, blk_get_id())
-        segments = tuple(data.draw(st.lists(st.tuples(self.sectors(), st.integers(0, 16)), min_size=1, max_size=3),
-                                   label="segments"))
-        if kind == "discard":
-            return Planned(kind, blk_discard(segments), segments=segments)
-        unmap = data.draw(st.booleans(), label="unmap")
-        return Planned(kind, blk_write_zeroes(segments, unmap=unmap), segments=segments)
+        return plan_well_formed(data, self.limits, self.sectors(), self.next_fake)
 
     def predict(self, planned: Planned) -> tuple[Planned, BlkOutcome]:
         """The model's answer; an OUT it accepts gets real pattern data (and the shadow learns it)."""
@@ -158,11 +167,12 @@ class BlkDatapathMachine(DatapathMachine):
         outcome = self.model.execute(b"".join(request.readable), request.writable, self.features)
         if planned.kind == "out" and outcome.status == B.VIRTIO_BLK_S_OK:
             data = self.shadow.write(planned.sector, planned.count)
+            self.recent = [planned.sector, *self.recent[:7]]
             planned = replace(planned, request=blk_out(planned.sector, data))
             outcome = self.model.execute(b"".join(planned.request.readable), planned.request.writable,
                                          self.features)
-        elif planned.kind == "out":
-            self.refused_writes += 1
+        if planned.fake and outcome.status != B.VIRTIO_BLK_S_OK:
+            self.leaks[planned.fake] = outcome.rule
         # The requests of a batch commute (see batches()), so the model runs them in submission order.
         self.model = self.model.after(outcome)
         if outcome.status == B.VIRTIO_BLK_S_OK:
@@ -171,17 +181,25 @@ class BlkDatapathMachine(DatapathMachine):
                     self.shadow.discard(start, count)
                 elif planned.kind == "write_zeroes":
                     self.shadow.zero(start, count)
+        elif outcome.segments_indeterminate:
+            # A failed discard / write zeroes may have done part of its work (§5.2.6): those sectors are open.
+            for start, count in planned.segments:
+                if start < self.capacity:
+                    self.shadow.discard(start, min(count, self.capacity - start))
         return planned, outcome
 
     @staticmethod
     def batches(plans: list[Planned]) -> list[list[Planned]]:
-        """Split into groups with no sector written by one request and touched by another (order is open)."""
+        """Split into groups with no sector written by one request and touched by another (order is open).
+
+        A group is at most MAX_GROUP requests, so one kick never needs more descriptors than the ring has.
+        """
         groups: list[list[Planned]] = [[]]
         written: set[int] = set()
         touched: set[int] = set()
         for plan in plans:
             sectors = plan.sectors()
-            if sectors & written or (plan.mutates and sectors & touched):
+            if sectors & written or (plan.mutates and sectors & touched) or len(groups[-1]) >= MAX_GROUP:
                 groups.append([])
                 written, touched = set(), set()
             groups[-1].append(plan)
@@ -193,11 +211,19 @@ class BlkDatapathMachine(DatapathMachine):
     # ----- checking answers --------------------------------------------------------------------------------
 
     def check(self, planned: Planned, outcome: BlkOutcome, done: BlkCompletion) -> None:
+        """Status, used length and data of one answer against the model's; the driver rules it broke are exercised."""
         self.count(outcome.rule)
-        what = f"{planned.kind} (sector {planned.sector}, count {planned.count}, segments {list(planned.segments)})"
+        self.exercised.update(v.rule for v in outcome.driver_violations)
+        what = planned.describe()
         if done.status != outcome.status:
+            note = ""
+            if outcome.rule == GET_ID_LENGTH:
+                problem = self.get_id_also_accepted(planned, done)
+                if problem is None:
+                    return
+                note = f"; {problem}"
             raise self.fail(outcome.rule, f"{what}: status {done.status}, the model says {outcome.status} "
-                                          f"({outcome.rule}, {outcome.level})")
+                                          f"({outcome.rule}, {outcome.level}{note})")
         used_clause = USED_LEN_PACKED if self.packed else USED_LEN_SPLIT
         self.count(used_clause)
         written = outcome.written_prefix
@@ -210,10 +236,26 @@ class BlkDatapathMachine(DatapathMachine):
             self.check_read(planned, outcome, done)
         elif planned.kind == "get_id":
             if self.serial is None:
+                problem = id_string_problem(done.data)
+                if problem is not None:
+                    raise self.fail(outcome.rule, f"GET_ID answered {done.data!r}: {problem}")
                 self.serial = done.data
                 self.model = replace(self.model, serial=done.data.rstrip(b"\0"))
             elif done.data != self.serial:
                 raise self.fail(outcome.rule, f"GET_ID answered {done.data!r}, earlier {self.serial!r}")
+
+    def get_id_also_accepted(self, planned: Planned, done: BlkCompletion) -> str | None:
+        """None if the answer is OK with the ID truncated to the area (vdpa_sim_blk: see
+        :mod:`.blk_requests`), else why it is not that answer either."""
+        used_clause = USED_LEN_PACKED if self.packed else USED_LEN_SPLIT
+        problem = get_id_truncated_ok(planned.request.data_in_len, self.serial)(done.status, done.data, done.length)
+        if problem is None:
+            self.count(used_clause)
+            self.tolerated[GET_ID_LENGTH] += 1
+            return None
+        if problem.startswith("used len"):
+            raise self.fail(used_clause, f"{planned.describe()}: OK with the ID truncated, but {problem}")
+        return f"nor the truncated-ID answer: {problem}"
 
     def check_read(self, planned: Planned, outcome: BlkOutcome, done: BlkCompletion) -> None:
         self.count(INTEGRITY)
@@ -223,6 +265,11 @@ class BlkDatapathMachine(DatapathMachine):
             if self.shadow.generation[sector] == UNKNOWN:  # discarded: any content will do
                 continue
             if got != outcome.data_written[i * SECTOR:(i + 1) * SECTOR]:
+                found = identify_sector(got)
+                leaked = self.leaks.get(found[1]) if found is not None else None
+                if leaked is not None:  # the data of a request the device refused: that refusal's rule is broken
+                    raise self.fail(leaked, f"IN at {planned.sector}: sector {sector} holds the data of a request the "
+                                            f"device refused ({leaked}: it must change nothing)")
                 problems = self.shadow.mismatches(sector, got) or [f"sector {sector} differs from the model"]
                 raise self.fail(INTEGRITY, f"IN at {planned.sector}: {problems[0]}")
 
@@ -254,37 +301,117 @@ class BlkDatapathMachine(DatapathMachine):
     def bring_up_device(self, data: st.DataObject) -> None:
         self.bring_up(self.draw_features(data))
 
-    @precondition(lambda self: self.session is not None)
-    @rule(data=st.data(), n=st.integers(1, 5), indirect=st.booleans())
-    def requests(self, data: st.DataObject, n: int, indirect: bool) -> None:
-        plans = [self.plan(data) for _ in range(n)]
+    def run_plans(self, plans: list[Planned], *, indirect: bool) -> None:
         try:
             self.run_batch(plans, indirect=indirect)
         except (RingFull, MemoryError):
             self.bring_up(self.features)  # the harness ran out of room: start the queue over
 
     @precondition(lambda self: self.session is not None)
-    @rule(short_header=st.booleans())
-    def malformed_request(self, short_header: bool) -> None:
-        """No status byte, or a header under 16 bytes: IOERR or DEVICE_NEEDS_RESET, and no disk write."""
+    @rule(data=st.data(), n=st.integers(1, 5), indirect=st.booleans())
+    def requests(self, data: st.DataObject, n: int, indirect: bool) -> None:
+        self.run_plans([self.plan(data) for _ in range(n)], indirect=indirect)
+
+    @precondition(lambda self: self.session is not None)
+    @rule()
+    def identify(self) -> None:
+        """GET_ID as a driver sends it when it probes the disk: the ID string, the same one every time.
+
+        Nothing is drawn, so a device that answers it wrong fails in the shortest example there is.
+        """
+        self.run_plans([Planned("get_id", blk_get_id())], indirect=False)
+
+    @precondition(lambda self: self.session is not None and self.capacity > 0)
+    @rule()
+    def capacity_boundary(self) -> None:
+        """Two sectors from the last one: an OUT, then an IN (past the capacity: the model's answer), then the last
+        sector read back (a refused OUT must not have stored the part that fits).
+
+        Nothing is drawn, so a device that gets the boundary wrong fails in the shortest example there is.
+        """
+        last = self.capacity - 1
+        fake = self.next_fake()
+        self.run_plans([Planned("out", raw_request(B.VIRTIO_BLK_T_OUT, last, [fake_data(last, 2 * SECTOR, fake)]),
+                                last, 2, fake=fake),
+                        Planned("in", blk_in(last, 2), last, 2), Planned("in", blk_in(last, 1), last, 1)],
+                       indirect=False)
+
+    @precondition(lambda self: self.session is not None)
+    @rule(data=st.data(), indirect=st.booleans())
+    def zero_written_sectors(self, data: st.DataObject, indirect: bool) -> None:
+        """An OUT, a WRITE_ZEROES or DISCARD over part of it, the whole range read back.
+
+        Zeroes where WRITE_ZEROES went (§5.2.6.2), anything where DISCARD went, the written data
+        elsewhere; without the feature negotiated, the zeroing request is UNSUPP and changes nothing.
+        """
+        count = data.draw(st.integers(1, 8), label="count")
+        sector = data.draw(st.integers(0, max(0, self.capacity - count)), label="sector")
+        start = sector + data.draw(st.integers(0, count - 1), label="zero from")
+        length = data.draw(st.integers(1, sector + count - start), label="zero count")
+        kind = data.draw(st.sampled_from(["write_zeroes", "discard"]), label="zeroing request")
+        if kind == "discard":
+            zeroing = Planned(kind, blk_discard([(start, length)]), segments=((start, length),))
+        else:
+            unmap = data.draw(st.booleans(), label="unmap")
+            zeroing = Planned(kind, blk_write_zeroes([(start, length)], unmap=unmap), segments=((start, length),))
+        fake = self.next_fake()
+        write = Planned("out", raw_request(B.VIRTIO_BLK_T_OUT, sector, [fake_data(sector, count * SECTOR, fake)]),
+                        sector, count, fake=fake)
+        self.run_plans([write, zeroing, Planned("in", blk_in(sector, count), sector, count)], indirect=indirect)
+
+    @precondition(lambda self: self.session is not None)
+    @rule(data=st.data(), indirect=st.booleans())
+    def unsupported_requests(self, data: st.DataObject, indirect: bool) -> None:
+        """An undefined type and every type not negotiated: UNSUPP as the model says, then the sector reads as before.
+
+        The sector is one the disk holds data in when there is one, so a device that executed a
+        ZONE_APPEND, SECURE_ERASE or DISCARD it should have refused shows it in the read.
+        """
+        sector = data.draw(self.data_sectors(), label="sector")
+        self.run_plans(plan_unsupported(data, self.limits, sector, self.next_fake), indirect=indirect)
+        self.run_plans([Planned("in", blk_in(sector, 1), sector, 1)], indirect=False)
+
+    @precondition(lambda self: self.session is not None)
+    @rule(data=st.data(), indirect=st.booleans())
+    def driver_errors(self, data: st.DataObject, indirect: bool) -> None:
+        """One request per driver rule it can break (and maybe a good one among them): answered as the model allows."""
+        plans = plan_driver_errors(data, self.limits, self.sectors(), self.next_fake)
+        if data.draw(st.booleans(), label="and a well-formed request"):
+            plans.insert(data.draw(st.integers(0, len(plans)), label="at"), self.plan(data))
+        self.run_plans(plans, indirect=indirect)
+
+    @precondition(lambda self: self.session is not None)
+    @rule(data=st.data())
+    def malformed_request(self, data: st.DataObject) -> None:
+        """No status byte, or a header under 16 bytes: IOERR or DEVICE_NEEDS_RESET, and no disk write.
+
+        The driver breaks ``blk.driver.no_status_byte`` / ``blk.driver.outhdr_short``; the model
+        says the request is bad input, which a device may answer either way (§2.1.2).
+        """
         assert self.session is not None
-        rule_id = "blk.request.outhdr_short" if short_header else "blk.request.no_status_byte"
-        readable = (struct.pack("<II", B.VIRTIO_BLK_T_OUT, 0),) if short_header else (
-            struct.pack("<IIQ", B.VIRTIO_BLK_T_OUT, 0, 0), sector_pattern(0, _REFUSED_GENERATION))
-        writable = (1,) if short_header else ()
+        if data.draw(st.booleans(), label="short header"):
+            size = data.draw(st.integers(0, 15), label="header bytes")
+            readable: tuple[bytes, ...] = (struct.pack("<IIQ", B.VIRTIO_BLK_T_OUT, 0, 0)[:size],) if size else ()
+            writable: tuple[int, ...] = (1,)
+        else:
+            readable = (struct.pack("<IIQ", B.VIRTIO_BLK_T_OUT, 0, 0), sector_pattern(0, _REFUSED_GENERATION))
+            writable = ()
+        outcome = self.model.execute(b"".join(readable), writable, self.features)
+        assert outcome.bad_input, f"the model takes {readable!r} / {writable} as a request ({outcome.rule})"
         ring = self.session.rings[0]
         chain = ring.add(list(readable), list(writable))
         self.session.kick(0)
         self.target.service()
         used = self.reap_all(0)
-        self.count(rule_id)
+        self.count(outcome.rule)
+        self.exercised.update(v.rule for v in outcome.driver_violations)
         status = self.status()
         if not status & VIRTIO_CONFIG_S_NEEDS_RESET:
             answered = [u for u in used if u.id == chain.id]
             if not answered or (writable and answered[0].written[-1] not in BAD_INPUT_STATUSES):
                 self.count(NEEDS_RESET_ON_ERROR)
-                raise self.fail(rule_id, f"{rule_id}: neither DEVICE_NEEDS_RESET nor an IOERR answer "
-                                         f"(used: {[(u.id, u.length) for u in used]})")
+                raise self.fail(outcome.rule, f"{outcome.rule}: neither DEVICE_NEEDS_RESET nor an IOERR answer "
+                                              f"(used: {[(u.id, u.length) for u in used]})")
             return self.after_malformed()
         self.bring_up(self.features)
         return self.after_malformed()

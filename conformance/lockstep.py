@@ -41,6 +41,7 @@ import functools
 import struct
 from collections import Counter
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from vdpacert.conformance.client import TargetDied
@@ -101,6 +102,7 @@ TARGET_QUIRKS: dict[str, frozenset[str]] = {
 }
 
 _NEEDS_RESET = int(StatusBit.DEVICE_NEEDS_RESET)
+_GROUP_ROWS = ("VHOST_VDPA_GET_VRING_GROUP", "VHOST_VDPA_GET_VRING_DESC_GROUP")
 _U32 = struct.Struct("<I")
 #: Quirk-only rules (model/quirks.py) a lockstep comparison checks, named by the quirk that documents them.
 PACKED_STATE_RULE = QUIRKS["vdpa_sim.packed_vq_state_ignored"].rule
@@ -499,6 +501,17 @@ class Lockstep:
             if actual.value == expected.value | _NEEDS_RESET and self._device_may_fail():
                 self._resync_status(expected.value | _NEEDS_RESET, "device error state")
                 return
+        if (row.index is not None and row.name.startswith(_GROUP_ROWS) and expected.ok and isinstance(actual.value, int)
+                and 0 <= actual.value < self.spec.ngroups):
+            # Which group a queue is in is the parent's choice (vdpa_config_ops.get_vq_group, no spec rule) and
+            # may follow the driver features (a net controlq moves to index 2N once MQ is negotiated): only the
+            # range is judged (vhost_vdpa.vring_group.range), and the model learns the device's answer.
+            field = "vq_desc_groups" if row.name.startswith("VHOST_VDPA_GET_VRING_DESC_GROUP") else "vq_groups"
+            groups = list(getattr(device.spec, field) or [device.spec.group_of(i) for i in range(self.spec.nvqs)])
+            groups[row.index] = actual.value
+            device.spec = replace(device.spec, **{field: tuple(groups)})
+            self.resyncs["queue groups follow the features"] += 1
+            return
         if (row.index is not None and row.index in self._vq_moved and row.name.startswith("VHOST_GET_VRING_BASE")
                 and isinstance(actual.value, int) and expected.ok):
             state = decode_packed_base(actual.value) if device.packed else actual.value

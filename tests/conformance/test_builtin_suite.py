@@ -9,6 +9,7 @@ import pytest
 
 from vdpacert.cli import main
 from vdpacert.conformance import suite
+from vdpacert.conformance.profiles import REFERENCE_FRONT_QUIRKS
 
 
 def test_the_builtin_suite_registers_the_control_machine() -> None:
@@ -28,10 +29,16 @@ def test_certify_passes_the_reference_devices(target: str, tmp_path: Path) -> No
     assert not [row for row in clauses.values() if row["verdict"] == "fail"]
 
 
-def test_certify_quick_profile_with_two_workers(tmp_path: Path) -> None:
-    """What CI runs: the quick profile on two pytest-xdist workers, recorders merged."""
+@pytest.mark.parametrize("target", ["sim-net", "sim-blk"])
+def test_the_quick_profile_with_two_workers_reaches_every_clause(target: str, tmp_path: Path) -> None:
+    """What CI runs, and issue 4's bar: every clause exercised or not applicable with a reason, nothing failed
+    or warned, and the reference front's declared quirks listed as seen."""
     report = tmp_path / "report.json"
-    assert main(["certify", "--target", "sim-net", "-n", "2", "--seed", "7", "--report-dir", str(tmp_path / "r"),
+    assert main(["certify", "--target", target, "-n", "2", "--seed", "7", "--report-dir", str(tmp_path / "r"),
                  "--json", str(report)]) == 0
-    clauses = {row["id"]: row for row in json.loads(report.read_text())["clauses"]}
-    assert clauses["suite.lockstep.errno"]["verdict"] == "pass"
+    data = json.loads(report.read_text())
+    verdicts = {row["id"]: row for row in data["clauses"]}
+    assert [c for c, row in verdicts.items() if row["verdict"] in ("not-exercised", "fail", "warn")] == []
+    assert all(row["reason"] for row in verdicts.values() if row["verdict"] == "not-applicable")
+    assert {q["name"] for q in data["quirks"] if q["observed"]} == set(REFERENCE_FRONT_QUIRKS)
+    assert data["target_profile"] == "reference"

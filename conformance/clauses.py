@@ -276,6 +276,10 @@ PRECONDITIONS: Final[dict[str, str]] = {
     "notify.packed.avail.flags.packed_reserved": _WRITES_BAD_SUPPRESSION,
     "notify.packed.avail.event_idx.packed_reserved": _WRITES_BAD_SUPPRESSION,
     "notify.packed.avail.flags.packed_desc_without_event_idx": _WRITES_BAD_SUPPRESSION,
+    "notify.split.avail.event_idx.event_not_passed": "lags behind the driver: its avail_event names an entry the "
+                                                     "driver has not reached yet when the driver publishes more",
+    "notify.packed.avail.event_idx.event_not_passed": "lags behind the driver: its event suppression names a "
+                                                      "descriptor the driver has not reached when it publishes more",
     "net.config.driver_write.unmapped": "has configuration bytes that belong to no field",
     "blk.config.driver_write.unmapped": "has configuration bytes that belong to no field",
     "iotlb.update.outside_iova_range": "has an IOVA range (GET_IOVA_RANGE) narrower than the whole 64-bit space",

@@ -506,10 +506,15 @@ class Lockstep:
             # Which group a queue is in is the parent's choice (vdpa_config_ops.get_vq_group, no spec rule) and
             # may follow the driver features (a net controlq moves to index 2N once MQ is negotiated): only the
             # range is judged (vhost_vdpa.vring_group.range), and the model learns the device's answer.
-            field = "vq_desc_groups" if row.name.startswith("VHOST_VDPA_GET_VRING_DESC_GROUP") else "vq_groups"
-            groups = list(getattr(device.spec, field) or [device.spec.group_of(i) for i in range(self.spec.nvqs)])
-            groups[row.index] = actual.value
-            device.spec = replace(device.spec, **{field: tuple(groups)})
+            spec = device.spec
+            if row.name.startswith("VHOST_VDPA_GET_VRING_DESC_GROUP"):
+                desc = list(spec.vq_desc_groups or [spec.group_of(i) for i in range(spec.nvqs)])
+                desc[row.index] = actual.value
+                device.spec = replace(spec, vq_desc_groups=tuple(desc))
+            else:
+                groups = list(spec.vq_groups or [spec.group_of(i) for i in range(spec.nvqs)])
+                groups[row.index] = actual.value
+                device.spec = replace(spec, vq_groups=tuple(groups))
             self.resyncs["queue groups follow the features"] += 1
             return
         if (row.index is not None and row.index in self._vq_moved and row.name.startswith("VHOST_GET_VRING_BASE")

@@ -46,7 +46,8 @@ def _per_example(machine: type[ControlMachine]) -> type[RuleBasedStateMachine]:
 
         @property
         def warned(self) -> list[tuple[str, str]]:
-            return self.lockstep.warnings[self._warnings_before:]
+            warnings: list[tuple[str, str]] = self.lockstep.warnings
+            return warnings[self._warnings_before:]
 
     PerExample.__name__ = PerExample.__qualname__ = machine.__name__
     return PerExample

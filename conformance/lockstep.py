@@ -20,8 +20,8 @@ Where the spec leaves the outcome open the comparison widens *explicitly*, never
 - a driver write to configuration space the layout forbids leaves bytes outside the write unchanged,
   and the written bytes either unchanged or stored: the write rules (virtio-net §5.1.4.2, virtio-blk
   §5.2.5) bind the driver, and the spec gives the device no duty towards such a write;
-- a target *declares* its known quirks (``Target.declared_quirks``, by default :data:`TARGET_QUIRKS`
-  of its kind); the model then predicts the quirk's answer and every time it did so is counted in
+- a target *declares* its known quirks (:func:`model_quirks`: its run's target profile, by default
+  the profile of its kind); the model then predicts the quirk's answer and every time it did so is counted in
   :attr:`Lockstep.quirk_hits` under (the rule the quirk stood in for, the quirk's name).
 
 A clause is counted in :attr:`Lockstep.exercised` only where an answer of the target was compared
@@ -56,6 +56,7 @@ from vdpacert.conformance.observe import (
     probe_spec,
     vq_observables,
 )
+from vdpacert.conformance.profiles import AUTO, target_profile
 from vdpacert.model import features as feature_rules
 from vdpacert.model.quirks import QUIRKS
 from vdpacert.model.ring_index import decode_packed_base
@@ -86,20 +87,7 @@ if TYPE_CHECKING:
     from vdpacert.impl.guestmem import GuestMemory
     from vdpacert.model.vdpa_device import VdpaDeviceSpec
 
-__all__ = ["FRONT_QUIRKS", "TARGET_QUIRKS", "ClauseViolation", "Lockstep", "SecondOpen"]
-
-#: Quirks of the reference vhost-vdpa front, which applies Linux's checks and no more (impl/vhost_vdpa.py).
-FRONT_QUIRKS: frozenset[str] = frozenset({
-    "vhost_vdpa.vring_num_bounds_unchecked",  # SET_VRING_NUM is not compared with get_vq_num_max
-    "vhost_vdpa.invalidate_range_unchecked",  # INVALIDATE of size 0 or wrapping reaches vhost_vdpa_unmap
-})
-#: The quirks each kind of target declares (a target profile; a run reports them, never hides them).
-TARGET_QUIRKS: dict[str, frozenset[str]] = {
-    "sim-net": FRONT_QUIRKS,
-    "sim-blk": FRONT_QUIRKS,
-    "python": FRONT_QUIRKS,
-    "vhost-vdpa": FRONT_QUIRKS | {"vhost_vdpa.iotlb_perm_unchecked"},
-}
+__all__ = ["ClauseViolation", "Lockstep", "SecondOpen", "model_quirks"]
 
 _NEEDS_RESET = int(StatusBit.DEVICE_NEEDS_RESET)
 _GROUP_ROWS = ("VHOST_VDPA_GET_VRING_GROUP", "VHOST_VDPA_GET_VRING_DESC_GROUP")
@@ -149,23 +137,26 @@ def _describe(refusal: ModelErrno) -> str:
     return f"errno {refusal.errno} ({errno.errorcode.get(refusal.errno, '?')}, {refusal.rule}: {refusal.message})"
 
 
+def model_quirks(target: Target) -> frozenset[str]:
+    """The registry quirks a target declares: those of its run's target profile, else of its kind's default
+    profile (``auto``). A vendor's own quirks are left out: they name no answer the model could predict."""
+    declared = target.declared_quirks
+    if declared is None:
+        declared = frozenset(quirk.name for quirk in target_profile(AUTO, kind=target.kind).quirks)
+    return declared & QUIRKS.keys()
+
+
 class Lockstep:
     """A target and its model, driven together (see the module docstring).
 
-    ``spec`` defaults to what the target reports at open; ``quirks`` to the target's declared quirks
-    (``target.declared_quirks``: those of the model's registry; a vendor's own quirks name no model
-    answer), or :data:`TARGET_QUIRKS` of its kind when it declares none.
+    ``spec`` defaults to what the target reports at open; ``quirks`` to :func:`model_quirks`.
     """
 
     def __init__(self, target: Target, *, spec: VdpaDeviceSpec | None = None,
                  quirks: Iterable[str] | None = None) -> None:
         self.target = target
         self.spec = spec if spec is not None else probe_spec(target)
-        if quirks is None:
-            declared = target.declared_quirks
-            quirks = (TARGET_QUIRKS.get(target.kind, frozenset()) if declared is None
-                      else declared & QUIRKS.keys())
-        self.quirks = frozenset(quirks)
+        self.quirks = model_quirks(target) if quirks is None else frozenset(quirks)
         unknown = self.quirks - QUIRKS.keys()
         if unknown:
             raise ValueError(f"unknown quirks {sorted(unknown)}")

@@ -32,7 +32,7 @@ from vdpacert.conformance.driver.device import ACK_DRIVER, FEATURES_OK, Ring
 from vdpacert.conformance.driver.memory import PAGE, GuestLayout, Snapshot
 from vdpacert.conformance.driver.packed import AVAIL, USED, PackedRing, avail_flags, used_flags
 from vdpacert.conformance.driver.split import Chain, SplitRing
-from vdpacert.conformance.lockstep import TARGET_QUIRKS
+from vdpacert.conformance.lockstep import model_quirks
 from vdpacert.conformance.targets import Target
 from vdpacert.model import vring_packed, vring_split
 from vdpacert.model.chains import Chain as ModelChain
@@ -52,7 +52,6 @@ __all__ = [
     "ProbeResult",
     "check_after_bad",
     "check_ring_layout",
-    "declared_quirks",
     "device_position",
     "device_spec",
     "layout_probes",
@@ -354,12 +353,6 @@ def device_spec(client: VhostClient) -> VdpaDeviceSpec:
                           nas=client.get_as_num())
 
 
-def declared_quirks(target: Target) -> frozenset[str]:
-    """The model's quirks the target declares (as the lockstep takes them: its declaration, else its kind's)."""
-    declared = target.declared_quirks
-    return frozenset(TARGET_QUIRKS.get(target.kind, frozenset()) if declared is None else declared & QUIRKS.keys())
-
-
 def run_layout_probes(client: VhostClient, model: VhostVdpaModel, *, backend_features: int, features: int,
                       probes: Sequence[LayoutProbe]) -> list[ProbeResult] | None:
     """Reset both sides and bring them to FEATURES_OK with ``features`` (the ring layout is then known and no
@@ -407,7 +400,7 @@ def check_ring_layout(checker: Checker, target: Target, *, backend_features: int
     caller brings it up again); every answer must be the model's. Counts the layout rule broken and the
     model rule that decided the answer."""
     client = target.client
-    quirks = declared_quirks(target)
+    quirks = model_quirks(target)
     #: Rules a declared quirk departs from without the model predicting the quirk's answer: the lockstep
     #: reports those; here a probe they decide is not compared.
     unmodelled = {QUIRKS[name].rule for name in quirks - MODELLED_QUIRKS}

@@ -179,6 +179,13 @@ def _bit(*bits: int) -> int:
 NET: Final = frozenset({virtio_ids.VIRTIO_ID_NET})
 BLK: Final = frozenset({virtio_ids.VIRTIO_ID_BLOCK})
 
+
+def _command_gate(commands: str, feature: int) -> tuple[re.Pattern[str], int]:
+    """A control command's own rules (its answer, payload, value) need its feature; its ``not_negotiated``
+    rule (sending it without the feature) applies on every device with a control queue."""
+    return re.compile(rf"^net\.ctrl\.(driver\.)?({commands})\.(?!not_negotiated$)"), _bit(feature)
+
+
 #: Model rules that can only be checked on a device offering some features: (id pattern, mask).
 #: Only clear-cut cases: a rule about the *absence* of a feature (``*.not_negotiated``) stays
 #: applicable, because the driver can always leave an offered feature out.
@@ -187,15 +194,12 @@ _FEATURE_GATES: Final = (
     (re.compile(r"^notify\.[a-z]+\.[a-z]+\.event_idx\."), _bit(R.VIRTIO_RING_F_EVENT_IDX)),
     (re.compile(r"^ring\.[a-z]+\.device\.in_order$"), _bit(C.VIRTIO_F_IN_ORDER)),
     (re.compile(r"^net\.ctrl\."), _bit(N.VIRTIO_NET_F_CTRL_VQ)),
-    # A command's own rules (answer, payload, value) need its feature; without it only `not_negotiated` applies.
-    (re.compile(r"^net\.ctrl\.(driver\.)?RX_(PROMISC|ALLMULTI)\.(?!not_negotiated$)"), _bit(N.VIRTIO_NET_F_CTRL_RX)),
-    (re.compile(r"^net\.ctrl\.(driver\.)?RX_(ALLUNI|NOMULTI|NOUNI|NOBCAST)\.(?!not_negotiated$)"),
-     _bit(N.VIRTIO_NET_F_CTRL_RX_EXTRA)),
-    (re.compile(r"^net\.ctrl\.(driver\.)?MAC_TABLE_SET\.(?!not_negotiated$)"), _bit(N.VIRTIO_NET_F_CTRL_RX)),
-    (re.compile(r"^net\.ctrl\.(driver\.)?MAC_ADDR_SET\.(?!not_negotiated$)"), _bit(N.VIRTIO_NET_F_CTRL_MAC_ADDR)),
-    (re.compile(r"^net\.ctrl\.(driver\.)?VLAN_(ADD|DEL)\.(?!not_negotiated$)"), _bit(N.VIRTIO_NET_F_CTRL_VLAN)),
-    (re.compile(r"^net\.ctrl\.(driver\.)?ANNOUNCE_ACK\.(?!not_negotiated$)"), _bit(N.VIRTIO_NET_F_GUEST_ANNOUNCE)),
-    (re.compile(r"^net\.ctrl\.(driver\.)?MQ_VQ_PAIRS_SET\.(?!not_negotiated$)"), _bit(N.VIRTIO_NET_F_MQ)),
+    _command_gate("RX_PROMISC|RX_ALLMULTI|MAC_TABLE_SET", N.VIRTIO_NET_F_CTRL_RX),
+    _command_gate("RX_ALLUNI|RX_NOMULTI|RX_NOUNI|RX_NOBCAST", N.VIRTIO_NET_F_CTRL_RX_EXTRA),
+    _command_gate("MAC_ADDR_SET", N.VIRTIO_NET_F_CTRL_MAC_ADDR),
+    _command_gate("VLAN_ADD|VLAN_DEL", N.VIRTIO_NET_F_CTRL_VLAN),
+    _command_gate("ANNOUNCE_ACK", N.VIRTIO_NET_F_GUEST_ANNOUNCE),
+    _command_gate("MQ_VQ_PAIRS_SET", N.VIRTIO_NET_F_MQ),
     (re.compile(r"^net\.(driver\.)?(tx|rx)\.inactive_pair$"), _bit(N.VIRTIO_NET_F_MQ)),
     (re.compile(r"^blk\.config\.writeback\."), _bit(B.VIRTIO_BLK_F_CONFIG_WCE)),
     (re.compile(r"^net\.config\.mtu\."), _bit(N.VIRTIO_NET_F_MTU)),

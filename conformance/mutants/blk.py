@@ -9,8 +9,6 @@ replace one hook of that loop.
 
 from __future__ import annotations
 
-import struct
-
 from vdpacert.conformance.mutants.guest import OUTHDR, BlkRequest, blk_answer, used_len
 from vdpacert.impl.sim_blk import SimBlk
 from vdpacert.uapi import virtio_blk as B  # noqa: N812 - read like the C names
@@ -37,6 +35,16 @@ class PyLoopBlk(SimBlk):
     def disk_write(self, sector: int, data: bytes) -> None:
         self.disk.write(sector, data)
 
+    def answer(self, request: BlkRequest) -> tuple[int, bytes, int | None] | None:
+        """``(status, data, used length or None for the honest one)``; None leaves the request to the compiled loop."""
+        if request.kind in _LEFT_TO_COMPILED:
+            return None
+        status, data = blk_answer(self.disk_read, self.disk_write, capacity=self.capacity,
+                                  read_only=self.read_only, flush=self.backend.flush,
+                                  serial=self.backend.serial_bytes, request=request,
+                                  range_ok=self.range_ok, id_answer=self.id_answer)
+        return status, data, None
+
     def process(self, index: int) -> None:
         vq = self.vq(index)
         while True:
@@ -44,18 +52,17 @@ class PyLoopBlk(SimBlk):
             if chain is None:
                 return
             header = vq.read_chain(chain, 0, OUTHDR) if chain.writable_len and chain.readable_len >= OUTHDR else b""
-            if not header or struct.unpack_from("<I", header)[0] in _LEFT_TO_COMPILED:
+            request = BlkRequest.parse(vq.read_chain(chain), chain.writable_len) if header else None
+            answer = None if request is None else self.answer(request)
+            if request is None or answer is None:
                 vq.unpop_chain(chain)
                 self.backend.process(vq)  # malformed (breaks the queue) or not ours: the compiled loop
                 return
-            request = BlkRequest.parse(vq.read_chain(chain), chain.writable_len)
-            status, data = blk_answer(self.disk_read, self.disk_write, capacity=self.capacity,
-                                      read_only=self.read_only, flush=self.backend.flush,
-                                      serial=self.backend.serial_bytes, request=request,
-                                      range_ok=self.range_ok, id_answer=self.id_answer)
+            status, data, length = answer
             written = vq.write_chain(chain, 0, data) if data else 0
             vq.write_chain(chain, request.data_in_len, bytes([status]))
-            vq.push_chain(chain, used_len(written, request.data_in_len, chain.writable_len))
+            vq.push_chain(chain, used_len(written, request.data_in_len, chain.writable_len) if length is None
+                          else length)
 
 
 class BlkWritePastCapacity(PyLoopBlk):

@@ -30,7 +30,7 @@ from vdpacert.conformance.machines.blk_requests import (
 from vdpacert.conformance.machines.datapath import DatapathMachine, clause_of
 from vdpacert.conformance.machines.datapath_blk import blk_machine
 from vdpacert.conformance.mutants.blk import PyLoopBlk
-from vdpacert.conformance.mutants.guest import OUTHDR, BlkRequest, blk_answer, used_len
+from vdpacert.conformance.mutants.guest import BlkRequest
 from vdpacert.impl.sim_blk import DEFAULT_FEATURES
 from vdpacert.model.blk import BlkDiskModel, build_request, discard_segment
 from vdpacert.uapi import virtio_blk as B  # noqa: N812
@@ -156,32 +156,8 @@ class OneWrongAnswer(PyLoopBlk):
         """``(status, data, used length or None for the honest one)`` for requests this parent gets wrong."""
         return None
 
-    def process(self, index: int) -> None:
-        vq = self.vq(index)
-        while True:
-            chain = vq.pop_chain()
-            if chain is None:
-                return
-            header = vq.read_chain(chain, 0, OUTHDR) if chain.writable_len and chain.readable_len >= OUTHDR else b""
-            request = BlkRequest.parse(vq.read_chain(chain), chain.writable_len) if header else None
-            answer = self.special(request) if request is not None else None
-            if answer is None and (request is None or request.kind in (B.VIRTIO_BLK_T_DISCARD,
-                                                                       B.VIRTIO_BLK_T_WRITE_ZEROES)):
-                vq.unpop_chain(chain)
-                self.backend.process(vq)  # malformed or a segment request: the compiled loop
-                return
-            assert request is not None
-            if answer is None:
-                status, data = blk_answer(self.disk_read, self.disk_write, capacity=self.capacity,
-                                          read_only=self.read_only, flush=self.backend.flush,
-                                          serial=self.backend.serial_bytes, request=request)
-                length = None
-            else:
-                status, data, length = answer
-            written = vq.write_chain(chain, 0, data) if data else 0
-            vq.write_chain(chain, request.data_in_len, bytes([status]))
-            vq.push_chain(chain, used_len(written, request.data_in_len, chain.writable_len) if length is None
-                          else length)
+    def answer(self, request: BlkRequest) -> tuple[int, bytes, int | None] | None:
+        return self.special(request) or super().answer(request)
 
 
 class LeaksRefusedWrite(OneWrongAnswer):

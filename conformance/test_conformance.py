@@ -22,7 +22,6 @@ test errors with it, so a broken check can never pass as a clean run.
 from __future__ import annotations
 
 import warnings
-from collections import Counter
 from typing import Any, cast
 
 import pytest
@@ -79,7 +78,7 @@ def _factory(run: ConformanceRun, entry: SuiteEntry, machine_cls: type[RuleBased
                 for clause_id, count in counts.items():
                     if count:
                         run.recorder.exercised(clause_id, count)
-                for (clause_id, name), count in getattr(machine, "quirks", Counter()).items():
+                for (clause_id, name), count in getattr(machine, "quirks", {}).items():
                     if count:  # the model predicted a declared quirk's answer and the target gave it
                         run.recorder.quirk(clause_id, name, f"the target answered as quirk {name} predicts",
                                            count)

@@ -326,13 +326,22 @@ class VdpaParent(abc.ABC):
         """VHOST_VRING_F_LOG of SET_VRING_ADDR: log used-ring writes of ``index`` at this guest address."""
         raise NotImplementedError
 
+    def set_log_all(self, enabled: bool) -> None:
+        """Turn VHOST_F_LOG_ALL on or off in the driver features of a running device.
+
+        vhost.h says of VHOST_F_LOG_ALL that it "can be changed while device is active": it is how a
+        VMM starts and stops dirty logging for a migration. It is a vhost feature, not a virtio one,
+        so the FEATURES_OK freeze does not cover it. OSError(EINVAL) when the device does not offer it.
+        """
+        raise NotImplementedError
+
 
 #: Optional ops, by name: present exactly when a parent's class overrides them.
 OPTIONAL_OPS = frozenset({
     "get_vq_group", "get_vq_num_min", "get_vq_size", "get_vq_desc_group", "get_backend_features", "get_generation",
     "compat_reset", "suspend", "resume", "get_iova_range", "set_group_asid", "set_map", "dma_map",
     "dma_unmap", "reset_map", "bind_mm", "unbind_mm", "set_fault_cb", "set_log_base", "set_log_fd",
-    "set_vq_log",
+    "set_vq_log", "set_log_all",
 })
 
 

@@ -668,5 +668,13 @@ class SimDevice(VdpaParent):
         cfg.log_used, cfg.log_guest_addr = bool(log_used), log_guest_addr
         self._apply_log(index)
 
+    def set_log_all(self, enabled: bool) -> None:
+        bit = 1 << VHOST_F_LOG_ALL
+        if not self._offered & bit:
+            raise OSError(errno.EINVAL, "VHOST_F_LOG_ALL is not offered")
+        self._features = self._features | bit if enabled else self._features & ~bit
+        for index in range(self.nvqs):
+            self._apply_log(index)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, {self.nvqs} vqs, status={self._status:#x})"

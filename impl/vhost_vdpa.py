@@ -423,7 +423,12 @@ class VhostVdpa:
 
     def _set_features(self, buf: bytearray | None) -> None:
         if self.parent.get_status() & VIRTIO_CONFIG_S_FEATURES_OK:
-            raise OSError(errno.EBUSY, "features cannot change after FEATURES_OK")
+            log_all = self._log_all_switch(buf)
+            if log_all is None:
+                raise OSError(errno.EBUSY, "features cannot change after FEATURES_OK")
+            self.parent.set_log_all(log_all)
+            self._acked_features = self.parent.get_driver_features()
+            return
         (features,) = self._arg(buf, _U64)
         self._features_valid = True
         try:
@@ -552,6 +557,23 @@ class VhostVdpa:
             raise OSError(errno.E2BIG, f"{nregions} memory regions exceed {VHOST_MAX_MEM_REGIONS}")
         if buf is None or len(buf) < 8 + 32 * nregions:
             raise OSError(errno.EFAULT, "the region array is shorter than nregions")
+
+    def _log_all_switch(self, buf: bytearray | None) -> bool | None:
+        """After FEATURES_OK: the new VHOST_F_LOG_ALL setting when that bit is all SET_FEATURES changes, else None.
+
+        VHOST_F_LOG_ALL "can be changed while device is active" (vhost.h): it is how a VMM starts and
+        stops dirty logging for a migration, on a device that logs (Linux's vhost-vdpa has no log and
+        so never gets here). Anything else, a malformed argument included, stays EBUSY.
+        """
+        if not (self._logging_available() and has_op(self.parent, "set_log_all")):
+            return None
+        try:
+            (features,) = self._arg(buf, _U64)
+        except OSError:
+            return None
+        if features ^ self._acked_features != 1 << T.VHOST_F_LOG_ALL:
+            return None
+        return bool(features >> T.VHOST_F_LOG_ALL & 1)
 
     def _logging_available(self) -> bool:
         return supports_logging(self.parent) and bool(self.parent.get_device_features() >> T.VHOST_F_LOG_ALL & 1)

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Final, Literal
 
+from vdpacert.uapi.vhost_types import VHOST_F_LOG_ALL
 from vdpacert.uapi.virtio_config import VIRTIO_F_RING_PACKED, VIRTIO_F_SUSPEND
 
 from . import features as feature_rules
@@ -392,6 +393,11 @@ class VdpaDeviceModel:
 
     def get_driver_features(self) -> int:
         return self.driver_features
+
+    def set_log_all(self, enabled: bool) -> None:
+        """VHOST_F_LOG_ALL switched on a live device (the one feature vhost lets change while active)."""
+        bit = 1 << VHOST_F_LOG_ALL
+        self.driver_features = self.driver_features | bit if enabled else self.driver_features & ~bit
 
     def features_valid(self) -> bool:
         """Whether the driver's features may be accepted at FEATURES_OK (no MUST violation, §2.2.2)."""

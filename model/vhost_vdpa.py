@@ -593,7 +593,15 @@ class VhostVdpaModel:
         self._owner("VHOST_SET_FEATURES")
         _u("features", features, U64_MAX)
         if self.device.status & StatusBit.FEATURES_OK:
-            raise FEATURES_LOCKED.fail(f"status {self.device.status:#x}")
+            # vhost.h: VHOST_F_LOG_ALL "can be changed while device is active" (how a VMM starts and stops
+            # logging for a migration); on a device that logs, that one change is not frozen by FEATURES_OK.
+            log_all = _B << vt.VHOST_F_LOG_ALL
+            if not (self.spec.supports_dirty_log and features ^ self._s.acked_features == log_all
+                    and self.device.get_device_features() & log_all):
+                raise FEATURES_LOCKED.fail(f"status {self.device.status:#x}")
+            self.device.set_log_all(bool(features & log_all))
+            self._s.acked_features = self.device.get_driver_features()
+            return
         try:
             self.device.set_driver_features(features)
         except ModelErrno as e:

@@ -14,6 +14,7 @@ from vdpacert.conformance.targets import Target, make_target
 from vdpacert.impl.parent import VqState
 from vdpacert.impl.sim_net import SimNet
 from vdpacert.model.status import StatusBit
+from vdpacert.uapi.vhost_types import VHOST_F_LOG_ALL
 from vdpacert.uapi.virtio_config import VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_F_VERSION_1
 
 ACK, DRV, FOK, DOK = (int(b) for b in (StatusBit.ACKNOWLEDGE, StatusBit.DRIVER, StatusBit.FEATURES_OK,
@@ -143,3 +144,19 @@ def test_unbacked_user_addresses_are_predicted(net: Target) -> None:
     ls.op("UPDATE", lambda: ls.model.write_msg(2, 0, 0x1000, 0x2000, memory.uaddr + 0x1000, 3),
           lambda: ls.client.iotlb_update(0x1000, 0x2000, memory.uaddr + 0x1000, 3))  # runs past the end: EFAULT
     assert ls.exercised["vhost_vdpa.msg.uaddr_unbacked"] == 1
+
+
+def test_log_all_alone_may_change_on_a_running_device(net: Target) -> None:
+    """vhost.h: VHOST_F_LOG_ALL "can be changed while device is active"; every other change stays EBUSY."""
+    ls = Lockstep(net)
+    up(ls)
+    m, c = ls.model, ls.client
+    version_1, log_all = 1 << VIRTIO_F_VERSION_1, 1 << VHOST_F_LOG_ALL
+    for features in (version_1 | log_all, version_1, version_1 | log_all):
+        ls.op("LOG_ALL switch", lambda f=features: m.VHOST_SET_FEATURES(f), lambda f=features: c.set_features(f))
+    ls.op("another bit", lambda: m.VHOST_SET_FEATURES(version_1 | log_all | 1), lambda: c.set_features(
+            version_1 | log_all | 1))
+    with pytest.raises(OSError) as refused:
+        c.set_features(version_1 | 1)  # LOG_ALL off and bit 0 on: two changes at once
+    assert refused.value.errno == errno.EBUSY
+    assert not ls.warnings and not ls.quirk_hits

@@ -21,6 +21,7 @@ cdef class Ramdisk:
     cdef uint8_t *base
     cdef object _map
     cdef object _view
+    cdef object __weakref__              # shared disks are looked up weakly by name (sim_blk's ``disk`` attribute)
 
 
 cdef class BlkBackend:

@@ -66,6 +66,12 @@ def _ranged(low: int, high: int) -> Callable[[object], int]:
     return parse
 
 
+def _disk_name(value: object) -> str:
+    if isinstance(value, str) and _NAME.match(value):
+        return value
+    raise ValueError(f"disk {value!r} is not a plain name (letters, digits, _ . : -)")
+
+
 def _mac(value: object) -> bytes:
     if isinstance(value, (bytes, bytearray)) and len(value) == 6:
         return bytes(value)
@@ -97,6 +103,7 @@ ATTRIBUTES: Mapping[str, Callable[[object], Any]] = {
     "capacity": _ranged(0, (1 << 64) - 1),  # 512-byte sectors
     "num_queues": _ranged(1, 0xFFFF),
     "features": _features,
+    "disk": _disk_name,  # sim-blk: the name of a shared ramdisk ("the same LUN" for two devices)
 }
 
 

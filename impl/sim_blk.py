@@ -18,12 +18,18 @@ size - 2, what Linux's driver can always fit), blk_size 512, num_queues, the dis
 write-zeroes limits, write_zeroes_may_unmap 1. Read-only to the driver (CONFIG_WCE is not offered).
 
 Management device ``sim-blk`` (:data:`MGMTDEV`, loaded by :mod:`vdpacert.impl.bus`): attributes
-``capacity``, ``num_queues``, ``queue_size``, ``features``; :func:`create` is its factory.
+``capacity``, ``num_queues``, ``queue_size``, ``features``, ``disk``; :func:`create` is its factory.
+
+Shared storage: devices created with the same ``disk`` name share one ramdisk, as two hosts see the
+same LUN of a SAN. That is what a migration needs (the disk is not part of the device's state: the
+destination reads what the source wrote), and a device whose ``capacity`` differs from the shared
+disk's is refused. The disk lives while any device holds it.
 """
 
 from __future__ import annotations
 
 import struct
+import weakref
 
 from vdpacert.impl.blk_datapath import BlkBackend, Ramdisk
 from vdpacert.impl.bus import MgmtDev
@@ -40,6 +46,8 @@ MAX_QUEUES = 64
 #: Segments one DISCARD / WRITE_ZEROES request may carry (config max_discard_seg / max_write_zeroes_seg).
 DEFAULT_DWZ_SEGS = 16
 _U32_MAX = 0xFFFFFFFF
+#: Shared ramdisks by ``disk`` name, alive while a device holds them.
+_SHARED_DISKS: weakref.WeakValueDictionary[str, Ramdisk] = weakref.WeakValueDictionary()
 
 
 #: The default offer of a single-queue device.
@@ -81,7 +89,8 @@ class SimBlk(SimDevice):
                  queue_size: int = DEFAULT_QUEUE_SIZE, features: int | None = None, read_only: bool = False,
                  serial: bytes | None = None, size_max: int = DEFAULT_SIZE_MAX,
                  max_discard_sectors: int = _U32_MAX, max_discard_seg: int = DEFAULT_DWZ_SEGS,
-                 max_write_zeroes_sectors: int = _U32_MAX, max_write_zeroes_seg: int = DEFAULT_DWZ_SEGS) -> None:
+                 max_write_zeroes_sectors: int = _U32_MAX, max_write_zeroes_seg: int = DEFAULT_DWZ_SEGS,
+                 disk: str = "") -> None:
         if not 1 <= num_queues <= MAX_QUEUES:
             raise ValueError(f"num_queues {num_queues} is not in [1, {MAX_QUEUES}]")
         if features is None:
@@ -96,7 +105,7 @@ class SimBlk(SimDevice):
             raise ValueError(f"{num_queues} queues need VIRTIO_BLK_F_MQ in the offer")
         if serial is None:
             serial = f"vdpacert-{name}".encode()[:B.VIRTIO_BLK_ID_BYTES]
-        self.disk = Ramdisk(capacity)
+        self.disk = shared_disk(disk, capacity) if disk else Ramdisk(capacity)
         self.backend = BlkBackend(self.disk, read_only=bool(offered >> B.VIRTIO_BLK_F_RO & 1), serial=bytes(serial),
                                   max_discard_sectors=max_discard_sectors, max_discard_seg=max_discard_seg,
                                   max_write_zeroes_sectors=max_write_zeroes_sectors,
@@ -126,17 +135,29 @@ class SimBlk(SimDevice):
         self.backend.process(self.vq(index))
 
 
+def shared_disk(name: str, capacity: int) -> Ramdisk:
+    """The shared ramdisk called ``name`` (made on first use); ValueError when its capacity differs."""
+    disk = _SHARED_DISKS.get(name)
+    if disk is None:
+        disk = Ramdisk(capacity)
+        _SHARED_DISKS[name] = disk
+    elif disk.capacity != capacity:
+        raise ValueError(f"shared disk {name!r} has {disk.capacity} sectors, not {capacity}")
+    return disk
+
+
 def create(name: str, *, capacity: int = DEFAULT_CAPACITY, num_queues: int = 1,
-           queue_size: int = DEFAULT_QUEUE_SIZE, features: int | None = None) -> SimBlk:
+           queue_size: int = DEFAULT_QUEUE_SIZE, features: int | None = None, disk: str = "") -> SimBlk:
     """The management device's factory: ``vdpa dev add name NAME mgmtdev sim-blk [attr value ...]``."""
-    return SimBlk(name, capacity=capacity, num_queues=num_queues, queue_size=queue_size, features=features)
+    return SimBlk(name, capacity=capacity, num_queues=num_queues, queue_size=queue_size, features=features,
+                  disk=disk)
 
 
 #: The ``sim-blk`` management device (registered on the bus by :func:`vdpacert.impl.bus.load_mgmtdevs`).
 MGMTDEV = MgmtDev(
     name="sim-blk",
     factory=create,
-    supported_attrs=frozenset({"capacity", "num_queues", "queue_size", "features"}),
+    supported_attrs=frozenset({"capacity", "num_queues", "queue_size", "features", "disk"}),
     device_class="block",
     max_supported_vqs=MAX_QUEUES,
     supported_features=SUPPORTED_FEATURES,

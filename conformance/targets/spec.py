@@ -30,10 +30,11 @@ AttrValue = Union[int, str]  # noqa: UP007 - a runtime alias on Python 3.10
 #: Which attributes each reference device takes (its management device's supported_attrs).
 SIM_ATTRS: dict[str, frozenset[str]] = {
     "sim-net": frozenset({"mac", "mtu", "max_vq_pairs", "queue_size", "features"}),
-    "sim-blk": frozenset({"capacity", "num_queues", "queue_size", "features"}),
+    "sim-blk": frozenset({"capacity", "num_queues", "queue_size", "features", "disk"}),
 }
 _ALIASES = {"mq": "max_vq_pairs"}
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+_DISK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _RANGES = {"mtu": (68, 65535), "max_vq_pairs": (1, 0x8000), "queue_size": (1, 32768),
@@ -122,6 +123,10 @@ def _sim_attrs(text: str, kind: str, rest: str) -> dict[str, AttrValue]:
 
 
 def _sim_value(text: str, key: str, value: str) -> AttrValue:
+    if key == "disk":
+        if not _DISK.match(value):
+            raise ValueError(f"target {text!r}: disk {value!r} is not a plain name (letters, digits, _ . : -)")
+        return value
     if key == "mac":
         if not _MAC.match(value):
             raise ValueError(f"target {text!r}: mac {value!r} is not like 02:00:00:00:00:01")

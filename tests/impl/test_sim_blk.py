@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vdpacert.impl.bus import VdpaBus, load_mgmtdevs
+from vdpacert.impl.bus import VdpaBus, default_bus, load_mgmtdevs
 from vdpacert.impl.guestmem import GuestMemory
 from vdpacert.impl.sim_blk import DEFAULT_FEATURES, SUPPORTED_FEATURES, SimBlk
 from vdpacert.impl.vhost_vdpa import VhostVdpa, unpack_iotlb_msg
@@ -669,3 +669,21 @@ def test_reads_and_writes_match_a_plain_byte_array(ops: list[tuple[bool, int, in
     finally:
         r.close()
         guest.close()
+
+
+def test_devices_naming_one_disk_share_it() -> None:
+    """``disk=NAME``: shared storage, as two hosts see one LUN (what a migration's destination needs)."""
+    bus = VdpaBus()
+    bus.register_mgmtdev(default_bus().mgmtdev("sim-blk"))
+    first = bus.dev_add("a", "sim-blk", capacity=64, disk="lun-test").parent
+    second = bus.dev_add("b", "sim-blk", capacity=64, disk="lun-test").parent
+    alone = bus.dev_add("c", "sim-blk", capacity=64).parent
+    assert isinstance(first, SimBlk) and isinstance(second, SimBlk) and isinstance(alone, SimBlk)
+    first.disk.write(3, b"\x5a" * 512)
+    assert second.disk.read(3, 512) == b"\x5a" * 512
+    assert alone.disk.read(3, 512) == bytes(512)
+    with pytest.raises(OSError) as refused:
+        bus.dev_add("d", "sim-blk", capacity=65, disk="lun-test")
+    assert refused.value.errno == errno.EINVAL and "65" in str(refused.value)
+    with pytest.raises(OSError):
+        bus.dev_add("e", "sim-blk", disk="no spaces allowed")

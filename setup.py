@@ -62,9 +62,9 @@ def extensions() -> list[Extension]:
         flags = [f"-fsanitize={sanitize}", "-fno-omit-frame-pointer", "-g"]
         compile_args = ["-O1", *flags]
         link_args = flags
-    #: (package, folder) of every package with Cython modules: the reference implementation, and
-    #: the benchmark's C baseline.
-    compiled = (("vdpacert.impl", "impl"), ("vdpacert.bench", "src/vdpacert/bench"))
+    #: (package, folder) of every package with Cython modules: the reference implementation, the
+    #: migration's dirty-bitmap scanner, and the benchmark's C baseline.
+    compiled = (("vdpacert.impl", "impl"), ("vdpacert.migration", "migration"), ("vdpacert.bench", "src/vdpacert/bench"))
     modules = [
         Extension(
             f"{package}.{pyx.stem}",
@@ -86,6 +86,7 @@ def extensions() -> list[Extension]:
 setup(
     package_dir=PACKAGE_DIRS,
     packages=packages(),
-    package_data={"vdpacert": ["py.typed"], "vdpacert.impl": ["*.pxd", "*.pyi"], "vdpacert.bench": ["*.pyi"]},
+    package_data={"vdpacert": ["py.typed"], "vdpacert.impl": ["*.pxd", "*.pyi"], "vdpacert.bench": ["*.pyi"],
+                  "vdpacert.migration": ["*.pyi", "scenarios/*.toml"]},
     ext_modules=extensions(),
 )

@@ -23,7 +23,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 #: package -> folder of every package with Cython modules (as setup.py compiles them).
-COMPILED_PACKAGES = {"vdpacert.impl": ROOT / "impl", "vdpacert.bench": ROOT / "src" / "vdpacert" / "bench"}
+COMPILED_PACKAGES = {"vdpacert.impl": ROOT / "impl", "vdpacert.migration": ROOT / "migration",
+                     "vdpacert.bench": ROOT / "src" / "vdpacert" / "bench"}
 
 #: (module name, .pyx path) of every compiled module.
 COMPILED = sorted((f"{package}.{pyx.stem}", pyx)

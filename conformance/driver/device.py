@@ -217,6 +217,24 @@ class DriverSession:
         self._step(f"SET_VRING_ENABLE {index}", lambda: client.set_vring_enable(index, True))
         return ring
 
+    def move(self, client: VhostOps, service: Callable[[], object] | None, fds: Mapping[int, tuple[int, int]]) -> None:
+        """Carry on with another device (a migration's destination), notified through ``fds``.
+
+        The rings, outstanding chains and positions stay as they are: they live in guest memory and
+        in this driver, which is what a migration moves. ``fds`` gives every queue its new (kick,
+        call) eventfds, already handed to the new device; the session owns them from now on and
+        closes the old ones.
+        """
+        if set(fds) != set(self.rings):
+            raise ValueError(f"eventfds for queues {sorted(fds)}, the session has {sorted(self.rings)}")
+        old, self._fds = self._fds, []
+        self.client, self.service = client, service
+        for index, (kick, call) in fds.items():
+            self.kicks[index], self.calls[index] = kick, call
+            self._fds += [kick, call]
+        for fd in old:
+            os.close(fd)
+
     def close(self) -> None:
         """Reset the device (so it lets go of the memory), free the rings, close our eventfds."""
         try:

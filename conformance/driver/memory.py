@@ -116,8 +116,12 @@ class GuestLayout:
     """The driver's view of one guest-memory region: allocator, addresses, canaries, device windows."""
 
     def __init__(self, memory: GuestMemory, *, iova_base: int | None = None, canary: int = CANARY,
-                 fill: bool = True) -> None:
+                 fill: bool = True, refill: bool = True) -> None:
         self.memory = memory
+        #: Whether freed allocations are filled with the canary again. A migration's guest turns it off:
+        #: a real driver does not rewrite buffers it got back, and a rewrite would hide a device write that
+        #: was never logged (the driver's own write marks the page dirty).
+        self.refill = refill
         self.size = memory.size
         self.canary = canary
         self.iova_base = self._pick_iova(iova_base)
@@ -184,10 +188,11 @@ class GuestLayout:
         raise MemoryError(f"guest memory exhausted: no {size} bytes aligned to {align} for {what or 'alloc'}")
 
     def free(self, offset: int) -> None:
-        """Give an allocation back; its bytes become canary again."""
+        """Give an allocation back; its bytes become canary again (unless :attr:`refill` is off)."""
         size, _ = self._allocations.pop(offset)
         self._starts.pop(bisect.bisect_left(self._starts, offset))
-        self.fill(offset, size, self.canary)
+        if self.refill:
+            self.fill(offset, size, self.canary)
         start, end = offset, offset + size
         index = bisect.bisect_left(self._holes, (start, end))
         if index < len(self._holes) and self._holes[index][0] == end:

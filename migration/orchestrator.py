@@ -1,136 +1,43 @@
-"""Pre-copy live migration of one guest and its vDPA device, proven byte for byte.
+"""Run one migration scenario and prove nothing was lost: the scenario runner behind ``vdpacert migrate``.
 
-One :class:`Migration` runs one :class:`~vdpacert.migration.scenario.Scenario`:
+A :class:`Migration` runs one :class:`~vdpacert.migration.scenario.Scenario`:
 
 1. **Set-up.** A source guest (memory, driver, workload) on a source device, and an *unmigrated twin*:
-   the same guest on a device of its own, given exactly the same operations. The guest runs
+   the same guest on a device of its own, given exactly the same operations. The guests run
    ``run_before_ms`` of simulated time, after the control commands the scenario asks for.
-2. **Pre-copy.** Dirty tracking starts: the guest CPU's writes (the VMM sees them, as KVM does), and
-   the device's, by the device's own log (VHOST_F_LOG_ALL) or by the VMM's shadow virtqueues. The
-   first iteration sends all of memory; each next one sends the pages dirtied during the previous
-   one, over a :class:`~vdpacert.migration.link.Link` whose bandwidth sets the simulated time a send
-   takes, during which the workload keeps running. It stops when the rest would go within the
-   downtime target (*converged*) or at ``max_iterations``.
-3. **Stop-and-copy.** The guest pauses, the source device is SUSPENDed, a final sync, the last
-   pages, the device state (:mod:`.blob`: checksummed, loaded as untrusted), restore on the
-   destination (:mod:`.restore`), and the guest resumes there. *Downtime* is the simulated time
-   from pause to resume (the real time the device operations took is added to the clock).
-4. **Verification.** At switch-over the destination's memory must equal the source's byte for byte,
-   and the destination device's state the saved one; then the migrated guest and its twin run the
-   same ``run_after_ms`` and everything is drained: every frame received exactly once and in order,
-   every sector reading back as last written, and both guests observing the same (one digest).
+2. **The migration** (:class:`~vdpacert.migration.precopy.LiveMigration`): pre-copy while both
+   guests keep running, stop-and-copy, restore, and the switch-over checks (memory byte-equal,
+   device state equal). Faults of the scenario (:class:`~vdpacert.migration.scenario.FaultSpec`)
+   are injected at their iteration; after one, the source must run on with its dirty tracking
+   stopped.
+3. **The differential run.** The migrated guest (or, after a failure, the source) and its twin do
+   the same ``run_after_ms`` of work; then everything is drained: every frame received exactly once
+   and in order, every sector reading back as last written, and both guests observing the same
+   (one digest).
 
-A fault (:class:`~vdpacert.migration.scenario.FaultSpec`) makes the migration fail; then the source
-resumes, its dirty tracking is stopped (and shown to be stopped: a device log stays empty under
-traffic), the destination is released, and the same verification runs on the source against its
-twin: a failed migration must lose nothing either.
+A scenario *passes* when its expectation (converged, not-converged or failed) is met and nothing
+was lost.
 """
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
-from typing import Any
 
 from vdpacert.conformance.driver import DeviceFailure
-from vdpacert.conformance.driver.memory import PAGE, GuestLayout
 from vdpacert.conformance.driver.split import RingFull
-from vdpacert.conformance.targets.base import Target, make_target
+from vdpacert.conformance.targets.base import make_target
 from vdpacert.conformance.targets.spec import parse_target
-from vdpacert.impl.guestmem import GuestMemory
-from vdpacert.migration.bitmap import DirtyBitmap
-from vdpacert.migration.blob import dump, load
-from vdpacert.migration.dirty import CpuDirtyTracker, DeviceLogTracker, DirtySource, ShadowDirtySink
 from vdpacert.migration.guest import Guest, GuestConfig
-from vdpacert.migration.link import Link, LinkDropped, SimClock
-from vdpacert.migration.restore import restore_device_state
-from vdpacert.migration.save import save_device_state
+from vdpacert.migration.link import Link, SimClock
+from vdpacert.migration.precopy import Endpoint, LiveMigration, MigrationResult, SourceCrashed
 from vdpacert.migration.scenario import Scenario
-from vdpacert.migration.state import DestinationInfo, DeviceState, RestoreError, StateError
-from vdpacert.migration.stream import (
-    StreamError,
-    apply_chunk,
-    decode_state,
-    encode_pages,
-    encode_state,
-    ram_stream_size,
-)
-from vdpacert.migration.vmm import CtrlCommandFailed, DirtyMode, Vmm
+from vdpacert.migration.vmm import DirtyMode, Vmm
 from vdpacert.migration.workload import Workload, WorkloadConfig, WorkloadError
 
-__all__ = ["Iteration", "Migration", "MigrationResult", "SourceCrashed"]
-
-#: Simulated time the workload runs between two looks at the clock when nothing else paces it.
-_TICK = 0.001
-
-
-class SourceCrashed(Exception):
-    """The source's migration code died (a scenario fault): the migration fails, the guest runs on."""
-
-
-#: What makes a migration fail without the source guest being at fault (the source then runs on).
-MIGRATION_FAILURES = (LinkDropped, StreamError, StateError, RestoreError, SourceCrashed, CtrlCommandFailed)
-
-
-@dataclass(frozen=True)
-class Iteration:
-    """One pass of pre-copy (``number`` 0 is the stop-and-copy): what was sent and what was dirty after."""
-
-    number: int
-    pages_sent: int
-    bytes_sent: int
-    dirty_after: int
-    seconds: float
-
-
-@dataclass
-class MigrationResult:
-    """The summary of one run; :meth:`to_json` has the fields of issue 5's JSON output first."""
-
-    scenario: str
-    converged: bool = False
-    iterations: int = 0
-    bytes_sent: int = 0
-    total_s: float = 0.0
-    downtime_s: float = 0.0
-    verified: bool = False
-    faults: list[str] = field(default_factory=list)
-    error: str | None = None
-    expect: str = "converged"
-    migrated: bool = False
-    history: list[Iteration] = field(default_factory=list)
-    checks: list[str] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-
-    @property
-    def outcome(self) -> str:
-        if not self.migrated:
-            return "failed"
-        return "converged" if self.converged else "not-converged"
-
-    @property
-    def passed(self) -> bool:
-        """The scenario's expectation met and nothing lost."""
-        return self.verified and self.outcome == self.expect
-
-    def to_json(self) -> dict[str, Any]:
-        out = {key: getattr(self, key) for key in ("scenario", "converged", "iterations", "bytes_sent", "total_s",
-                                                    "downtime_s", "verified", "faults", "error")}
-        out.update(expect=self.expect, outcome=self.outcome, passed=self.passed, checks=self.checks,
-                   problems=self.problems, history=[asdict(i) for i in self.history])
-        return out
-
-
-@dataclass
-class _Endpoint:
-    """One device, its guest memory and its VMM."""
-
-    target: Target
-    memory: GuestMemory
+__all__ = ["Migration", "MigrationResult"]
 
 
 def _targets(scenario: Scenario) -> tuple[str, str, str]:
@@ -148,7 +55,7 @@ def _targets(scenario: Scenario) -> tuple[str, str, str]:
             source = _with_attr(source, "disk", disk)
         if "disk" not in parse_target(destination).attrs:
             destination = _with_attr(destination, "disk", disk)
-    return source, destination, scenario.device.target
+    return source, destination, _without_attr(scenario.device.target, "disk")  # the twin's disk is its own
 
 
 def _with_attr(target: str, key: str, value: str) -> str:
@@ -187,11 +94,11 @@ class Migration:
 
     # ----- building blocks --------------------------------------------------------------------------------
 
-    def _endpoint(self, stack: ExitStack, spec: str) -> _Endpoint:
+    def _endpoint(self, stack: ExitStack, spec: str) -> Endpoint:
         target = stack.enter_context(make_target(spec))
-        return _Endpoint(target, target.new_memory(self.memory_size, gpa=0))
+        return Endpoint(target, target.new_memory(self.memory_size, gpa=0))
 
-    def _guest(self, endpoint: _Endpoint) -> tuple[Guest, Workload]:
+    def _guest(self, endpoint: Endpoint) -> tuple[Guest, Workload]:
         guest = Guest(endpoint.memory, lambda layout: Vmm(endpoint.target, layout, mode=self.mode), self.guest_config)
         guest.bring_up()
         return guest, Workload(guest, self.workload_config)
@@ -248,19 +155,19 @@ class Migration:
         workloads = [workload, twin_workload]
         self._prepare(workloads)
         self.progress(f"{self.scenario.name}: guest up ({self.mode.value}), migrating")
-        tracking = _Tracking(guest, source.target, self.mode, self.memory_size)
-        try:
-            tracking.start()
-            self._precopy(source, destination, tracking, workloads)
-            self._stop_and_copy(source, destination, tracking, guest, workloads)
-        except MIGRATION_FAILURES as error:
-            self.result.error = f"{type(error).__name__}: {error}"
-            self.progress(f"{self.scenario.name}: migration failed: {self.result.error}")
-            self._recover(source, destination, tracking, guest, workloads)
-            return
-        finally:
-            tracking.stop()
-        self._after(workloads, self.result.checks)
+        w, migration = self.scenario.workload, self.scenario.migration
+
+        def before_pause() -> None:
+            if w.chain_spans_ring:
+                self._both(workloads, lambda wl: wl.chain_spanning_ring())
+            self._both(workloads, lambda wl: wl.leave_inflight(w.inflight))
+
+        migrated = LiveMigration(
+            guest, source, destination, mode=self.mode, link=self.link, downtime_s=migration.downtime_ms / 1000,
+            max_iterations=migration.max_iterations, run_guest=lambda seconds: self._run(workloads, seconds),
+            result=self.result, before_pause=before_pause, strike=self._strike,
+            probe_s=migration.run_after_ms / 1000 / 2, progress=self.progress).run()
+        self._after(workloads, self.result.checks, half=not migrated)
 
     def _faults_at(self, iteration: int) -> list[str]:
         return [f.kind if f.kind != "corrupt-stream" else f"corrupt-{f.target}"
@@ -275,134 +182,6 @@ class Migration:
                 raise SourceCrashed(f"the source's migration thread died in iteration {iteration}")
             elif fault == f"corrupt-{stage}":
                 self.link.corrupt_next()
-
-    def _send_pages(self, pages: list[int], source: _Endpoint, destination: _Endpoint,
-                    workloads: list[Workload] | None) -> int:
-        """Send ``pages`` over the link; the guests run while the bytes travel (None: they are paused)."""
-        sent = 0
-        for chunk in encode_pages(source.memory, pages):
-            before = self.clock.now
-            delivered = self.link.send(chunk)
-            apply_chunk(destination.memory, delivered)
-            sent += len(chunk)
-            if workloads is not None:
-                self._run(workloads, self.clock.now - before)
-        return sent
-
-    def _precopy(self, source: _Endpoint, destination: _Endpoint, tracking: _Tracking,
-                 workloads: list[Workload]) -> None:
-        migration = self.scenario.migration
-        target_s = migration.downtime_ms / 1000
-        dirty = tracking.bitmap
-        dirty.mark(0, self.memory_size)  # the first pass sends everything
-        for number in range(1, migration.max_iterations + 1):
-            self._strike(number, "ram")
-            began = self.clock.now
-            pages = list(dirty.take())
-            if not pages:  # an idle guest: advance time a little so the workload can dirty something
-                self._run(workloads, _TICK)
-                self.clock.advance(_TICK)
-            sent = self._send_pages(pages, source, destination, workloads)
-            tracking.sync()
-            remaining = dirty.count()
-            self.result.history.append(Iteration(number, len(pages), sent, remaining, self.clock.now - began))
-            self.result.iterations = number
-            self.result.bytes_sent = self.link.bytes_sent
-            self.progress(f"{self.scenario.name}: iteration {number}: sent {len(pages)} pages "
-                          f"({sent / (1 << 20):.1f} MiB) in {1000 * (self.clock.now - began):.1f} ms, "
-                          f"{remaining} dirty")
-            if self.link.transfer_time(*ram_stream_size(remaining)) <= target_s:
-                self.result.converged = True
-                return
-
-    def _stop_and_copy(self, source: _Endpoint, destination: _Endpoint, tracking: _Tracking, guest: Guest,
-                       workloads: list[Workload]) -> None:
-        w = self.scenario.workload
-        if w.chain_spans_ring:
-            self._both(workloads, lambda wl: wl.chain_spanning_ring())
-        self._both(workloads, lambda wl: wl.leave_inflight(w.inflight))
-        paused = self.clock.now
-        real = time.perf_counter()
-        source_vmm = guest.vmm
-        self._strike(0, "ram")
-        source_vmm.suspend()
-        tracking.suspended = True
-        tracking.sync()
-        pages = list(tracking.bitmap.take())
-        sent = self._send_pages(pages, source, destination, None)
-        state = save_device_state(source_vmm)
-        self._strike(0, "state")
-        blob = decode_state(self.link.send(encode_state(dump(state))))
-        destination_vmm, fds = self._restore(destination, blob, guest.layout)
-        self.result.history.append(Iteration(0, len(pages), sent, 0, self.clock.now - paused))
-        self.result.bytes_sent = self.link.bytes_sent
-        self.clock.advance(time.perf_counter() - real)
-        self.result.downtime_s = self.clock.now - paused
-        self.result.migrated = True
-        self._check_switch_over(source, destination, state, destination_vmm)
-        tracking.stop()
-        guest.move_to(destination_vmm, destination.memory, fds)
-        source_vmm.close()
-        source.target.close()
-        self.progress(f"{self.scenario.name}: switched over: {len(pages)} last pages, downtime "
-                      f"{1000 * self.result.downtime_s:.1f} ms (target {self.scenario.migration.downtime_ms} ms)")
-
-    def _restore(self, destination: _Endpoint, blob: bytes,
-                 guest_layout: GuestLayout) -> tuple[Vmm, dict[int, tuple[int, int]]]:
-        """Load the blob against the destination and restore it; the destination VMM and the guest's new fds."""
-        view = GuestLayout(destination.memory, iova_base=guest_layout.iova_base, fill=False)
-        vmm = Vmm(destination.target, view, mode=self.mode)
-        vmm.set_owner()
-        state = load(blob, DestinationInfo.probe(vmm.client))
-        fds: dict[int, tuple[int, int]] = {}
-        try:
-            for vring in state.vrings:
-                fds[vring.index] = (os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC),
-                                    os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
-            bases = vmm.expect_inflight(state.vrings, state.packed)
-            restore_device_state(vmm, state, kick_fds={i: k for i, (k, _) in fds.items()},
-                                 call_fds={i: c for i, (_, c) in fds.items()}, bases=bases)
-        except BaseException:
-            for kick, call in fds.values():
-                os.close(kick)
-                os.close(call)
-            vmm.close()
-            raise
-        return vmm, fds
-
-    def _check_switch_over(self, source: _Endpoint, destination: _Endpoint, state: DeviceState,
-                           destination_vmm: Vmm) -> None:
-        """Memory byte-equal, device state equal: at the switch-over, before the destination runs."""
-        checks, problems = self.result.checks, self.result.problems
-        differing = _differing_pages(source.memory, destination.memory)
-        if differing:
-            problems.append(f"destination memory differs from the source's in {len(differing)} page(s), first "
-                            f"{[hex(p * PAGE) for p in differing[:8]]}: writes that were never marked dirty")
-        else:
-            checks.append(f"memory: {self.memory_size >> 20} MiB byte-equal at switch-over")
-        restored = save_device_state(destination_vmm)
-        diff = state.diff(restored)
-        if diff:
-            problems.append("destination device state differs: " + "; ".join(diff[:8]))
-        else:
-            checks.append(f"device state equal ({len(state.vrings)} vrings, features {state.features:#x})")
-
-    def _recover(self, source: _Endpoint, destination: _Endpoint, tracking: _Tracking, guest: Guest,
-                 workloads: list[Workload]) -> None:
-        """After a failed migration: the source resumes, tracking stops (and is shown stopped), nothing lost."""
-        checks, problems = self.result.checks, self.result.problems
-        if tracking.suspended:
-            guest.vmm.resume()
-            checks.append("source resumed (VHOST_VDPA_RESUME)")
-        tracking.stop()
-        destination.target.close()
-        self._run(workloads, self.scenario.migration.run_after_ms / 1000 / 2)
-        leaked = tracking.marks_after_stop()
-        if leaked:
-            problems.append(f"dirty tracking still marks pages after the failed migration: {leaked}")
-        else:
-            checks.append("dirty tracking stopped: no page marked under traffic after the failure")
-        self._after(workloads, checks, half=True)
 
     def _after(self, workloads: list[Workload], checks: list[str], *, half: bool = False) -> None:
         """The differential run: the same work on the (migrated or not) guest and its twin, then drained."""
@@ -424,66 +203,3 @@ class Migration:
             checks.append(f"differential run: {stats.frames} frames, {stats.blk_writes} blk writes, "
                           f"{stats.cpu_pages} CPU page writes; guest and twin agree (digest {digests[0][:12]})")
         self.result.verified = not problems
-
-
-def _differing_pages(a: GuestMemory, b: GuestMemory) -> list[int]:
-    out = []
-    step = 256 * PAGE
-    for offset in range(0, a.size, step):
-        length = min(step, a.size - offset)
-        if a.read(offset, length) != b.read(offset, length):
-            out += [(offset + p) // PAGE for p in range(0, length, PAGE)
-                    if a.read(offset + p, PAGE) != b.read(offset + p, PAGE)]
-    return out
-
-
-class _Tracking:
-    """The dirty sources of one migration: the guest CPU's writes, and the device's (its log or the shadows)."""
-
-    def __init__(self, guest: Guest, target: Target, mode: DirtyMode, memory_size: int) -> None:
-        self.guest, self.vmm, self.mode = guest, guest.vmm, mode
-        self.bitmap = DirtyBitmap(memory_size // PAGE)
-        self.cpu = CpuDirtyTracker(memory_size)
-        self.device: DirtySource
-        if mode is DirtyMode.DEVICE_LOG:
-            # The log covers the VMM's memory too (the device logs its shadow-ring writes); only the
-            # guest's pages are ever sent: the bitmap stops at the guest's end.
-            self.device = DeviceLogTracker(target, guest.vmm.log_span, acked_features=guest.vmm.features)
-            self.shadow_sink: ShadowDirtySink | None = None
-        else:
-            self.shadow_sink = ShadowDirtySink(memory_size)
-            self.device = self.shadow_sink
-        self.suspended = False
-        self.active = False
-
-    def sources(self) -> Iterator[DirtySource]:
-        yield self.cpu
-        yield self.device
-
-    def start(self) -> None:
-        for source in self.sources():
-            source.start()
-        self.guest.layout.cpu_dirty = self.cpu
-        self.vmm.set_cpu_dirty(self.cpu)
-        if self.shadow_sink is not None:
-            self.vmm.set_shadow_dirty(self.shadow_sink)
-        self.active = True
-
-    def sync(self) -> int:
-        return sum(source.sync(self.bitmap) for source in self.sources())
-
-    def stop(self) -> None:
-        if not self.active:
-            return
-        self.active = False
-        self.guest.layout.cpu_dirty = None
-        self.vmm.set_cpu_dirty(None)
-        self.vmm.set_shadow_dirty(None)
-        for source in self.sources():
-            source.stop()
-
-    def marks_after_stop(self) -> int:
-        """Pages any source reports after :meth:`stop` (must be 0)."""
-        probe = DirtyBitmap(self.bitmap.npages)
-        return sum(source.sync(probe) for source in self.sources())
-

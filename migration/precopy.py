@@ -241,7 +241,7 @@ class LiveMigration:
             for vring in state.vrings:
                 fds[vring.index] = (os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC),
                                     os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
-            bases = vmm.expect_inflight(state.vrings, state.packed)
+            bases = vmm.expect_inflight(state)
             restore_device_state(vmm, state, kick_fds={i: k for i, (k, _) in fds.items()},
                                  call_fds={i: c for i, (_, c) in fds.items()}, bases=bases)
         except BaseException:

@@ -27,18 +27,17 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from vdpacert.conformance.client import VhostClient
-from vdpacert.conformance.driver.memory import PAGE, GuestLayout
+from vdpacert.conformance.driver.memory import GuestLayout
 from vdpacert.conformance.targets.base import Target
-from vdpacert.migration.state import NetState, VringSetup, VringState, rewound_base
+from vdpacert.migration.state import DeviceState, NetState, VringSetup, rewound_base
 from vdpacert.migration.svq import ShadowVirtqueue
 from vdpacert.uapi import vhost_types as T  # noqa: N812 - read like the C names
 from vdpacert.uapi import virtio_net as N  # noqa: N812
-from vdpacert.uapi.virtio_config import VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_F_RING_PACKED
 from vdpacert.uapi.virtio_ids import VIRTIO_ID_NET
 
 __all__ = ["VMM_GPA_ALIGN", "CtrlCommandFailed", "DirtyMode", "DirtySink", "Vmm"]
@@ -251,15 +250,17 @@ class Vmm:
 
     # ----- which queues are shadowed, and their shadows ---------------------------------------------------
 
-    def shadowed(self, index: int) -> bool:
-        """Whether queue ``index`` runs through a shadow virtqueue on this VMM."""
-        return self.mode is DirtyMode.SHADOW or index == self.ctrl_queue()
+    def shadowed(self, index: int, features: int | None = None) -> bool:
+        """Whether queue ``index`` runs through a shadow virtqueue on this VMM (with ``features``, or the acked)."""
+        return self.mode is DirtyMode.SHADOW or index == self.ctrl_queue(features)
 
-    def ctrl_queue(self) -> int | None:
-        """The virtio-net controlq index for the acked features (§5.1.2), or None (not net, no CTRL_VQ)."""
-        if self.device_id != VIRTIO_ID_NET or not self.features >> N.VIRTIO_NET_F_CTRL_VQ & 1:
+    def ctrl_queue(self, features: int | None = None) -> int | None:
+        """The virtio-net controlq index for ``features`` (default: the acked ones), §5.1.2; None: not net,
+        or no CTRL_VQ."""
+        features = self.features if features is None else features
+        if self.device_id != VIRTIO_ID_NET or not features >> N.VIRTIO_NET_F_CTRL_VQ & 1:
             return None
-        if not self.features >> N.VIRTIO_NET_F_MQ & 1:
+        if not features >> N.VIRTIO_NET_F_MQ & 1:
             return 2
         max_pairs: int = _U16.unpack(self.client.get_config(_NET_MAX_PAIRS_OFFSET, 2))[0]
         return 2 * max_pairs
@@ -402,29 +403,19 @@ class Vmm:
         self._vmm_mapped = False
         self._map_vmm_memory()
 
-    def expect_inflight(self, vrings: Sequence[VringState], packed: bool) -> dict[int, int]:
-        """Before a restore: which chains each queue had in flight. Shadowed queues will resubmit them;
-        direct ones resume from the rewound base. Returns index -> the base to give SET_VRING_BASE."""
+    def expect_inflight(self, state: DeviceState) -> dict[int, int]:
+        """Before restoring ``state``: which chains each queue had in flight. Shadowed queues will resubmit
+        them; direct ones resume from the rewound base. Returns index -> the base to give SET_VRING_BASE."""
         bases = {}
-        for saved in vrings:
-            if self.shadowed(saved.index):
+        for saved in state.vrings:
+            if self.shadowed(saved.index, state.features):
                 self._pending_inflight[saved.index] = tuple(saved.inflight)
                 bases[saved.index] = saved.base
             else:
-                bases[saved.index] = rewound_base(saved, packed) if saved.inflight else saved.base
+                bases[saved.index] = rewound_base(saved, state.packed) if saved.inflight else saved.base
         return bases
-
-    @property
-    def packed(self) -> bool:
-        return bool(self.features >> VIRTIO_F_RING_PACKED & 1)
-
-    @property
-    def running(self) -> bool:
-        return bool(self.client.get_status() & VIRTIO_CONFIG_S_DRIVER_OK)
 
     def close(self) -> None:
         """Drop the shadows (the target's close releases the device and its memory)."""
         self._forget_queues()
 
-
-assert PAGE == 4096

@@ -22,7 +22,7 @@ kicked only when the model says it asked to be (QEMU's shadow virtqueue does the
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 from vdpacert.conformance.driver.memory import GuestLayout
 from vdpacert.model.chains import Segment
@@ -173,23 +173,61 @@ def _alloc_areas(vmm: GuestLayout, sizes: Sequence[tuple[int, int, str]]) -> lis
     return done
 
 
-class SplitShadowRing:
-    """A split shadow ring of ``num`` entries, driven by the model's :class:`SplitDriver`."""
+_Driver = TypeVar("_Driver", SplitDriver, PackedDriver)
 
-    def __init__(self, vmm: GuestLayout, num: int, features: int, *, name: str = "svq") -> None:
+
+class _ShadowRingBase(Generic[_Driver]):
+    """What both layouts share: the ring's areas and indirect-table copies in VMM memory, chain counting."""
+
+    def __init__(self, vmm: GuestLayout, num: int, name: str, areas: list[int], driver: _Driver) -> None:
         self.vmm = vmm
         self.num = num
-        self.event_idx = bool(features >> VIRTIO_RING_F_EVENT_IDX & 1)
-        # Zeroed: used_event 0 asks for the first used entry, and no stale canary reads as an index.
-        self._areas = _alloc_areas(vmm, [(VRING_DESC_SIZE * num, 16, f"{name} shadow descriptor table"),
-                                         (6 + 2 * num, 2, f"{name} shadow avail ring"),
-                                         (6 + VRING_USED_ELEM_SIZE * num, 4, f"{name} shadow used ring")])
-        desc, avail, used = (vmm.iova(offset) for offset in self._areas)
-        self.ring = ModelSplitRing(num, desc, avail, used)
-        self.driver = SplitDriver(LayoutMemory(vmm), self.ring, features=features, translator=LayoutTranslator(vmm))
+        self._areas = areas
+        self.driver: _Driver = driver
         self._tables = _Tables(vmm, name)
         self._chains = 0
         self._closed = False
+
+    @property
+    def in_flight(self) -> int:
+        return self._chains
+
+    def add(self, segments: Sequence[Segment], *, indirect: bool) -> int:
+        elements = [(s.addr, s.len, s.writable) for s in segments]
+        table = self._tables.alloc(len(elements)) if indirect else None
+        try:
+            shadow_id = self.driver.add(elements, indirect_table=None if table is None else self.vmm.iova(table))
+        except BaseException:
+            if table is not None:
+                self.vmm.free(table)
+            raise
+        if table is not None:
+            self._tables.by_id[shadow_id] = table
+        self._chains += 1
+        return shadow_id
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._tables.close()
+        for offset in self._areas:
+            self.vmm.free(offset)
+
+
+class SplitShadowRing(_ShadowRingBase[SplitDriver]):
+    """A split shadow ring of ``num`` entries, driven by the model's :class:`SplitDriver`."""
+
+    def __init__(self, vmm: GuestLayout, num: int, features: int, *, name: str = "svq") -> None:
+        self.event_idx = bool(features >> VIRTIO_RING_F_EVENT_IDX & 1)
+        # Zeroed: used_event 0 asks for the first used entry, and no stale canary reads as an index.
+        areas = _alloc_areas(vmm, [(VRING_DESC_SIZE * num, 16, f"{name} shadow descriptor table"),
+                                         (6 + 2 * num, 2, f"{name} shadow avail ring"),
+                                         (6 + VRING_USED_ELEM_SIZE * num, 4, f"{name} shadow used ring")])
+        desc, avail, used = (vmm.iova(offset) for offset in areas)
+        self.ring = ModelSplitRing(num, desc, avail, used)
+        super().__init__(vmm, num, name, areas, SplitDriver(LayoutMemory(vmm), self.ring, features=features,
+                                                            translator=LayoutTranslator(vmm)))
 
     @property
     def addresses(self) -> tuple[int, int, int]:
@@ -199,26 +237,8 @@ class SplitShadowRing:
     def base(self) -> int:
         return 0
 
-    @property
-    def in_flight(self) -> int:
-        return self._chains
-
     def room(self, descriptors: int) -> bool:
         return self._chains < self.num and self.driver.num_free >= descriptors
-
-    def add(self, segments: Sequence[Segment], *, indirect: bool) -> int:
-        elements = [(s.addr, s.len, s.writable) for s in segments]
-        table = self._tables.alloc(len(elements)) if indirect else None
-        try:
-            head = self.driver.add(elements, indirect_table=None if table is None else self.vmm.iova(table))
-        except BaseException:
-            if table is not None:
-                self.vmm.free(table)
-            raise
-        if table is not None:
-            self._tables.by_id[head] = table
-        self._chains += 1
-        return head
 
     def publish(self) -> bool:
         return _kick_allowed(self.driver.publish())
@@ -233,16 +253,8 @@ class SplitShadowRing:
             self.driver.set_used_event(self.driver.last_used_idx)
         return [(elem.id, elem.len) for elem in used]
 
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._tables.close()
-        for offset in self._areas:
-            self.vmm.free(offset)
 
-
-class PackedShadowRing:
+class PackedShadowRing(_ShadowRingBase[PackedDriver]):
     """A packed shadow ring of ``num`` entries, driven by the model's :class:`PackedDriver`.
 
     Its driver event suppression stays ENABLE (the model driver writes it so): the shadow
@@ -250,19 +262,14 @@ class PackedShadowRing:
     """
 
     def __init__(self, vmm: GuestLayout, num: int, features: int, *, name: str = "svq") -> None:
-        self.vmm = vmm
-        self.num = num
         # Zeroed descriptors read as "not available" under the first wrap counter (1).
-        self._areas = _alloc_areas(vmm, [(VRING_DESC_SIZE * num, 16, f"{name} shadow descriptor ring"),
+        areas = _alloc_areas(vmm, [(VRING_DESC_SIZE * num, 16, f"{name} shadow descriptor ring"),
                                          (4, 4, f"{name} shadow driver event suppression"),
                                          (4, 4, f"{name} shadow device event suppression")])
-        desc, driver, device = (vmm.iova(offset) for offset in self._areas)
+        desc, driver, device = (vmm.iova(offset) for offset in areas)
         self.ring = ModelPackedRing(num, desc, driver, device)
-        self.driver = PackedDriver(LayoutMemory(vmm), self.ring, features=features,
-                                   translator=LayoutTranslator(vmm))
-        self._tables = _Tables(vmm, name)
-        self._chains = 0
-        self._closed = False
+        super().__init__(vmm, num, name, areas, PackedDriver(LayoutMemory(vmm), self.ring, features=features,
+                                                             translator=LayoutTranslator(vmm)))
 
     @property
     def addresses(self) -> tuple[int, int, int]:
@@ -272,26 +279,8 @@ class PackedShadowRing:
     def base(self) -> int:
         return FRESH_PACKED_BASE
 
-    @property
-    def in_flight(self) -> int:
-        return self._chains
-
     def room(self, descriptors: int) -> bool:
         return self.driver.in_flight + descriptors <= self.num
-
-    def add(self, segments: Sequence[Segment], *, indirect: bool) -> int:
-        elements = [(s.addr, s.len, s.writable) for s in segments]
-        table = self._tables.alloc(len(elements)) if indirect else None
-        try:
-            buffer_id = self.driver.add(elements, indirect_table=None if table is None else self.vmm.iova(table))
-        except BaseException:
-            if table is not None:
-                self.vmm.free(table)
-            raise
-        if table is not None:
-            self._tables.by_id[buffer_id] = table
-        self._chains += 1
-        return buffer_id
 
     def publish(self) -> bool:
         # PackedDriver.add exposes each list as it writes it; what is left is the kick decision.
@@ -303,15 +292,6 @@ class PackedShadowRing:
             self._tables.release(buffer_id)
         self._chains -= len(used)
         return used
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._tables.close()
-        for offset in self._areas:
-            self.vmm.free(offset)
-
 
 def make_shadow_ring(vmm: GuestLayout, num: int, features: int, *, name: str = "svq") -> ShadowRing:
     """The shadow ring for a guest ring of ``num`` entries with these acked features (MemoryError if

@@ -117,6 +117,7 @@ class NetStream:
     reordered: list[int] = field(default_factory=list)
     unknown: list[int] = field(default_factory=list)
     _seen: set[int] = field(default_factory=set, repr=False)
+    _highest: int = field(default=-1, repr=False)  # the highest seq received (max(received), kept as it grows)
 
     def frames(self, count: int, lengths: Sequence[int] | int = 64) -> list[bytes]:
         """``count`` new frames, numbered on from the last; lengths cycle through ``lengths``."""
@@ -137,13 +138,14 @@ class NetStream:
         elif seq in self._seen:
             self.duplicated.append(seq)
         else:
-            if self.received and seq < max(self.received):
+            if seq < self._highest:
                 self.reordered.append(seq)
             if frame.length != self.sent[seq]:
                 raise DeviceViolation(LOOPED_BACK, f"frame seq {seq} came back {frame.length} bytes long, "
                                                    f"sent {self.sent[seq]}")
         self.received.append(seq)
         self._seen.add(seq)
+        self._highest = max(self._highest, seq)
 
     @property
     def lost(self) -> list[int]:

@@ -163,7 +163,7 @@ class Migration:
             self._both(workloads, lambda wl: wl.leave_inflight(w.inflight))
 
         migrated = LiveMigration(
-            guest, source, destination, mode=self.mode, link=self.link, downtime_s=migration.downtime_ms / 1000,
+            guest, source, destination, link=self.link, downtime_s=migration.downtime_ms / 1000,
             max_iterations=migration.max_iterations, run_guest=lambda seconds: self._run(workloads, seconds),
             result=self.result, before_pause=before_pause, strike=self._strike,
             probe_s=migration.run_after_ms / 1000 / 2, progress=self.progress).run()

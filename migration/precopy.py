@@ -31,7 +31,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from vdpacert.conformance.driver.memory import PAGE, GuestLayout
@@ -44,7 +44,7 @@ from vdpacert.migration.guest import Guest
 from vdpacert.migration.link import Link, LinkDropped
 from vdpacert.migration.restore import restore_device_state
 from vdpacert.migration.save import save_device_state
-from vdpacert.migration.state import DestinationInfo, DeviceState, RestoreError, StateError
+from vdpacert.migration.state import DestinationInfo, DeviceState, RestoreError, StateError, VringState
 from vdpacert.migration.stream import (
     StreamError,
     apply_chunk,
@@ -133,22 +133,27 @@ class LiveMigration:
     simulated time; ``before_pause`` runs just before the guest pauses; ``strike(iteration, stage)``
     may inject a fault (``stage`` "ram" before RAM of that iteration is sent, "state" before the
     device state; iteration 0 is the stop-and-copy). ``probe_s``: how long the guest runs after a
-    failure to show that dirty tracking stopped.
+    failure to show that dirty tracking stopped. Dirty pages are found the way the source's VMM was
+    set up for (``guest.vmm.mode``); ``destination_mode`` sets up the destination's VMM (default: the same).
     """
 
-    def __init__(self, guest: Guest, source: Endpoint, destination: Endpoint, *, mode: DirtyMode, link: Link,
+    def __init__(self, guest: Guest, source: Endpoint, destination: Endpoint, *, link: Link,
                  downtime_s: float, max_iterations: int, run_guest: Callable[[float], None],
                  result: MigrationResult, before_pause: Callable[[], None] = lambda: None,
                  strike: Callable[[int, str], None] = lambda iteration, stage: None, probe_s: float = 0.005,
-                 progress: Callable[[str], None] | None = None) -> None:
+                 destination_mode: DirtyMode | None = None, progress: Callable[[str], None] | None = None) -> None:
         self.guest, self.source, self.destination = guest, source, destination
-        self.mode, self.link, self.clock = mode, link, link.clock
+        # How dirty pages are found is the source VMM's (it set its queues up for it); the destination's
+        # VMM may be set up another way for the next migration.
+        self.mode = guest.vmm.mode
+        self.destination_mode = self.mode if destination_mode is None else destination_mode
+        self.link, self.clock = link, link.clock
         self.downtime_s, self.max_iterations = downtime_s, max_iterations
         self.run_guest, self.before_pause, self.strike = run_guest, before_pause, strike
         self.result, self.probe_s = result, probe_s
         self.name = result.scenario
         self.progress = progress or (lambda line: None)
-        self.tracking = _Tracking(guest, source.target, mode, source.memory.size)
+        self.tracking = _Tracking(guest, source.target, self.mode, source.memory.size)
 
     def run(self) -> bool:
         """Migrate; True when the guest now runs on the destination, False after a recovered failure."""
@@ -213,16 +218,20 @@ class LiveMigration:
         tracking.sync()
         pages = list(tracking.bitmap.take())
         sent = self._send_pages(pages, running=False)
+        checking = time.perf_counter()
+        # At switch-over: every page is across and the destination device has not run yet.
+        differing = _differing_pages(self.source.memory, self.destination.memory)
+        real += time.perf_counter() - checking  # the check is the test's, not part of the downtime
         state = save_device_state(source_vmm)
         self.strike(0, "state")
         blob = decode_state(self.link.send(encode_state(dump(state))))
-        destination_vmm, fds = self._restore(blob)
+        destination_vmm, fds, bases = self._restore(blob)
         self.result.history.append(Iteration(0, len(pages), sent, 0, self.clock.now - paused))
         self.result.bytes_sent = self.link.bytes_sent
         self.clock.advance(time.perf_counter() - real)
         self.result.downtime_s = self.clock.now - paused
         self.result.migrated = True
-        self._check_switch_over(state, destination_vmm)
+        self._check_switch_over(state, differing, destination_vmm, bases)
         tracking.stop()
         guest.move_to(destination_vmm, self.destination.memory, fds)
         source_vmm.close()
@@ -230,10 +239,11 @@ class LiveMigration:
         self.progress(f"{self.name}: switched over: {len(pages)} last pages, downtime "
                       f"{1000 * self.result.downtime_s:.1f} ms (target {1000 * self.downtime_s:g} ms)")
 
-    def _restore(self, blob: bytes) -> tuple[Vmm, dict[int, tuple[int, int]]]:
-        """Load the blob against the destination and restore it; the destination VMM and the guest's new fds."""
+    def _restore(self, blob: bytes) -> tuple[Vmm, dict[int, tuple[int, int]], dict[int, int]]:
+        """Load the blob against the destination and restore it: the destination VMM, the guest's new fds,
+        and the vring base each queue was given."""
         view = GuestLayout(self.destination.memory, iova_base=self.guest.layout.iova_base, fill=False)
-        vmm = Vmm(self.destination.target, view, mode=self.mode)
+        vmm = Vmm(self.destination.target, view, mode=self.destination_mode)
         vmm.set_owner()
         state = load(blob, DestinationInfo.probe(vmm.client))
         fds: dict[int, tuple[int, int]] = {}
@@ -250,19 +260,32 @@ class LiveMigration:
                 os.close(call)
             vmm.close()
             raise
-        return vmm, fds
+        return vmm, fds, bases
 
-    def _check_switch_over(self, state: DeviceState, destination_vmm: Vmm) -> None:
-        """Memory byte-equal, device state equal: at the switch-over, before the destination runs."""
+    def _check_switch_over(self, state: DeviceState, differing: list[int], destination_vmm: Vmm,
+                           bases: dict[int, int]) -> None:
+        """Memory byte-equal at switch-over (``differing``: pages that are not); the device state restored.
+
+        The destination may already have used chains the guest had made available (a device may
+        process any available buffer once DRIVER_OK is set, kicked or not), so a queue's position
+        may be ahead of the one restored, as long as it moved as one: see :func:`_moved_as_one`.
+        """
         checks, problems = self.result.checks, self.result.problems
-        differing = _differing_pages(self.source.memory, self.destination.memory)
         if differing:
             problems.append(f"destination memory differs from the source's in {len(differing)} page(s), first "
                             f"{[hex(p * PAGE) for p in differing[:8]]}: writes that were never marked dirty")
         else:
             checks.append(f"memory: {self.source.memory.size >> 20} MiB byte-equal at switch-over")
-        restored = save_device_state(destination_vmm)
-        diff = state.diff(restored)
+        now = save_device_state(destination_vmm)
+        vrings = []
+        for saved, restored in zip(state.vrings, now.vrings, strict=False):
+            resubmitted = len(saved.inflight) if destination_vmm.shadowed(saved.index) else 0
+            # A rewound base makes the in-flight chains available again; the used position is unchanged.
+            given = replace(saved, base=bases.get(saved.index, saved.base))
+            if _moved_as_one(given, restored, state.packed, resubmitted):
+                restored = replace(restored, base=saved.base, used_idx=saved.used_idx, inflight=saved.inflight)
+            vrings.append(restored)
+        diff = state.diff(replace(now, vrings=tuple(vrings)))
         if diff:
             problems.append("destination device state differs: " + "; ".join(diff[:8]))
         else:
@@ -275,6 +298,7 @@ class LiveMigration:
             self.guest.vmm.resume()
             checks.append("source resumed (VHOST_VDPA_RESUME)")
         tracking.stop()
+        tracking.sync()  # what was marked before the stop is no leak: only marks from now on are
         self.destination.target.close()
         self.run_guest(self.probe_s)
         leaked = tracking.marks_after_stop()
@@ -282,6 +306,30 @@ class LiveMigration:
             problems.append(f"dirty tracking still marks pages after the failed migration: {leaked}")
         else:
             checks.append("dirty tracking stopped: no page marked under traffic after the failure")
+
+
+def _position(base_half: int, num: int) -> int:
+    """A packed ring position (15-bit index, wrap counter in bit 15) as a count modulo 2 * num.
+
+    The wrap counter starts at 1 and flips at every lap, so lap 0 is wrap 1."""
+    return ((base_half & 0x7FFF) + (0 if base_half >> 15 & 1 else num)) % (2 * num)
+
+
+def _moved_as_one(given: VringState, now: VringState, packed: bool, resubmitted: int) -> bool:
+    """Whether queue ``now`` is where ``given`` (what restore set) leads to after the device used some chains.
+
+    ``a`` is how far the avail position moved, ``u`` the used one. Every chain the device took and
+    used moves both alike; chains resubmitted by a shadow virtqueue (already past the avail position)
+    move only ``u``. So: ``0 <= u - a <= resubmitted`` and ``0 <= a <= num``.
+    """
+    if packed:
+        span = 2 * given.num
+        a = (_position(now.base & 0xFFFF, given.num) - _position(given.base & 0xFFFF, given.num)) % span
+        u = (_position(now.base >> 16, given.num) - _position(given.base >> 16, given.num)) % span
+    else:
+        a = (now.base - given.base) & 0xFFFF
+        u = (now.used_idx - given.used_idx) & 0xFFFF
+    return 0 <= u - a <= resubmitted and a <= given.num
 
 
 def _differing_pages(a: GuestMemory, b: GuestMemory) -> list[int]:

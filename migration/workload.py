@@ -252,12 +252,14 @@ class Workload:
         session = self.guest.session
         if self.is_net:
             for pair, chains in list(self.rx_posted.items()):
-                if chains:  # buffers posted without frames: send frames for them now
-                    stream = self._stream(pair)
-                    session.send_frames(pair, stream.frames(len(chains), self.config.frame_bytes))
-                    self._receive(pair, len(chains))
-                    session.tx_done(pair, len(chains))
-                    self.stats.frames += len(chains)
+                owed = len(chains)  # buffers posted without frames: send frames for them now, a batch at a time
+                while owed:
+                    count = min(owed, self.batch)
+                    session.send_frames(pair, self._stream(pair).frames(count, self.config.frame_bytes))
+                    self._receive(pair, count)
+                    session.tx_done(pair, count)
+                    self.stats.frames += count
+                    owed -= count
                 self.rx_posted[pair] = []
             return
         for queue, chains in list(self.pending.items()):

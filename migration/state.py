@@ -150,12 +150,6 @@ class NetState:
     nouni: bool
     nobcast: bool
 
-    @classmethod
-    def initial(cls, mac: bytes) -> NetState:
-        """A device just reset: promiscuous (QEMU's reset value: nothing filtered until asked), one pair."""
-        return cls(mac=bytes(mac), queue_pairs=1, promisc=True, allmulti=False, alluni=False, nomulti=False,
-                   nouni=False, nobcast=False)
-
 
 @dataclass(frozen=True)
 class DeviceState:

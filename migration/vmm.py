@@ -365,10 +365,12 @@ class Vmm:
         commands: list[bytes] = []
         if net.mac != self._config_mac() and self.features >> N.VIRTIO_NET_F_CTRL_MAC_ADDR & 1:
             commands.append(bytes([N.VIRTIO_NET_CTRL_MAC, N.VIRTIO_NET_CTRL_MAC_ADDR_SET]) + net.mac)
-        if self.features >> N.VIRTIO_NET_F_CTRL_RX & 1:
-            for name, number in _RX_FLAGS.items():
-                if getattr(net, name):
-                    commands.append(bytes([N.VIRTIO_NET_CTRL_RX, number, 1]))
+        # Every RX-mode flag is sent as it was, on or off: what a device starts with after a reset is not
+        # written in the spec (QEMU starts promiscuous), so "only what differs" would depend on the device.
+        for name, number in _RX_FLAGS.items():
+            needs = N.VIRTIO_NET_F_CTRL_RX if number <= N.VIRTIO_NET_CTRL_RX_ALLMULTI else N.VIRTIO_NET_F_CTRL_RX_EXTRA
+            if self.features >> needs & 1:
+                commands.append(bytes([N.VIRTIO_NET_CTRL_RX, number, int(getattr(net, name))]))
         if net.queue_pairs != 1 and self.features >> N.VIRTIO_NET_F_MQ & 1:
             commands.append(bytes([N.VIRTIO_NET_CTRL_MQ, N.VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET])
                             + _U16.pack(net.queue_pairs))

@@ -97,7 +97,7 @@ class Guest:
                                      service=target.service)
         self.session.bring_up()
         self.group_asid: dict[int, int] = {}
-        self.net = (NetState.initial(target.client.get_config(0, 6))
+        self.net = (initial_net_state(target.client.get_config(0, 6))
                     if target.device_id == VIRTIO_ID_NET else None)
 
     def ctrl(self, command: bytes) -> int:
@@ -176,12 +176,18 @@ class DirectSource:
         return self.guest.net
 
 
+def initial_net_state(mac: bytes) -> NetState:
+    """What this test's VMM assumes of a device just reset: promiscuous (QEMU's reset value), one pair."""
+    return NetState(mac=bytes(mac), queue_pairs=1, promisc=True, allmulti=False, alluni=False, nomulti=False,
+                    nouni=False, nobcast=False)
+
+
 def replay_commands(net: NetState, features: int, mac: bytes) -> list[bytes]:
     """What differs from a device just reset, as control commands (QEMU's vhost_vdpa_net_load does the same)."""
     out = []
     if net.mac != mac and features >> N.VIRTIO_NET_F_CTRL_MAC_ADDR & 1:
         out.append(bytes([N.VIRTIO_NET_CTRL_MAC, N.VIRTIO_NET_CTRL_MAC_ADDR_SET]) + net.mac)
-    initial = NetState.initial(mac)
+    initial = initial_net_state(mac)
     for cmd, name in enumerate(RX_MODES):
         needs = N.VIRTIO_NET_F_CTRL_RX if cmd < 2 else N.VIRTIO_NET_F_CTRL_RX_EXTRA
         if getattr(net, name) != getattr(initial, name) and features >> needs & 1:

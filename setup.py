@@ -87,6 +87,6 @@ setup(
     package_dir=PACKAGE_DIRS,
     packages=packages(),
     package_data={"vdpacert": ["py.typed"], "vdpacert.impl": ["*.pxd", "*.pyi"], "vdpacert.bench": ["*.pyi"],
-                  "vdpacert.migration": ["*.pyi", "scenarios/*.toml"]},
+                  "vdpacert.migration": ["*.pyi", "scenarios/*.toml", "scenarios/linux/*.toml"]},
     ext_modules=extensions(),
 )

@@ -41,7 +41,7 @@ __all__ = ["Migration", "MigrationResult"]
 
 
 def _targets(scenario: Scenario) -> tuple[str, str, str]:
-    """Source, destination and twin target strings. blk: source and destination share one disk (storage
+    """Source, destination and twin target strings. sim-blk: source and destination share one disk (storage
     is shared between hosts, not migrated); the twin has its own."""
     source = scenario.device.target
     destination = scenario.device.destination or source
@@ -55,7 +55,10 @@ def _targets(scenario: Scenario) -> tuple[str, str, str]:
             source = _with_attr(source, "disk", disk)
         if "disk" not in parse_target(destination).attrs:
             destination = _with_attr(destination, "disk", disk)
-    return source, destination, _without_attr(scenario.device.target, "disk")  # the twin's disk is its own
+    twin = scenario.device.twin_target
+    if parse_target(twin).kind == "sim-blk":
+        twin = _without_attr(twin, "disk")  # the twin's disk is its own
+    return source, destination, twin
 
 
 def _with_attr(target: str, key: str, value: str) -> str:

@@ -154,6 +154,8 @@ class DeviceSpec:
     event_idx: bool = _rule(True, "a boolean")
     indirect: bool = _rule(False, "a boolean")
     start_index: int = _rule(0, "0..65535", _between(0, 0xFFFF))
+    twin: str = _rule("", '"" (the same as target) or a target string: the unmigrated twin\'s device',
+                      lambda v: v == "" or _target_check(v))
 
     def __post_init__(self) -> None:
         _check_fields(self, self.SECTION)
@@ -162,6 +164,11 @@ class DeviceSpec:
     def destination_target(self) -> str:
         """The destination's target string (``destination``, or ``target`` when that is empty)."""
         return self.destination or self.target
+
+    @property
+    def twin_target(self) -> str:
+        """The unmigrated twin's target string (``twin``, or ``target`` when that is empty)."""
+        return self.twin or self.target
 
     @property
     def packed(self) -> bool:
@@ -350,10 +357,32 @@ def _check_cross(s: Scenario, workload_keys: frozenset[str]) -> None:
     if work.cpu_working_set_mib > s.memory.size_mib:
         raise ScenarioError("", "workload.cpu_working_set_mib",
                             f"{work.cpu_working_set_mib} MiB is more than memory.size_mib = {s.memory.size_mib}")
+    twin_kind = _kind_of(dev.twin_target)
+    if kind and twin_kind and twin_kind != kind:
+        raise ScenarioError("", "device.twin", f"a {twin_kind} device cannot be the twin of a {kind} device")
+    _check_char_devices(s)
     _check_mode(s)
     _check_faults(s)
-    for key, target in (("device.target", dev.target), ("device.destination", dev.destination_target)):
+    for key, target in (("device.target", dev.target), ("device.destination", dev.destination_target),
+                        ("device.twin", dev.twin_target)):
         _check_sim_attrs(s, key, parse_target(target))
+
+
+def _check_char_devices(s: Scenario) -> None:
+    """A vhost-vdpa char device is opened by one owner at a time (a second open is EBUSY): source, destination
+    and twin must then be three different devices (every open of a sim-* target is a new device)."""
+    dev = s.device
+    opened = {"device.target": dev.target, "device.destination": dev.destination_target,
+              "device.twin": dev.twin_target}
+    seen: dict[str, str] = {}
+    for key, target in opened.items():
+        spec = parse_target(target)
+        if spec.kind != "vhost-vdpa":
+            continue
+        if spec.path in seen:
+            raise ScenarioError("", key, f"{spec.path} is {seen[spec.path]} already: a vhost-vdpa device has one "
+                                "owner at a time, so source, destination and twin must be different devices")
+        seen[spec.path] = key
 
 
 def _check_mode(s: Scenario) -> None:
@@ -430,6 +459,26 @@ def load_scenario(path: str | Path) -> Scenario:
 def load_scenario_text(text: str, name: str) -> Scenario:
     """Check a scenario given as TOML text; ``name`` is its default name and what error messages call it."""
     return _load(text, name, name, None)
+
+
+def packaged_scenario(name: str) -> Path | None:
+    """The package's scenario called ``name`` (a stem, or ``linux/STEM`` for those that need a guest kernel with
+    Linux's vdpa_sim, run by ``vdpacert kernel run``); None when there is none."""
+    root = resources.files(__package__ or "vdpacert.migration") / _SCENARIO_DIR
+    parts = name.split("/")
+    if not all(part and part not in (".", "..") for part in parts):
+        return None
+    entry = root.joinpath(*parts[:-1], parts[-1] + ".toml")
+    return Path(str(entry)) if entry.is_file() else None
+
+
+def linux_scenarios() -> list[Path]:
+    """The package's ``linux/`` scenarios: they migrate between Linux vdpa_sim devices inside a guest kernel."""
+    root = resources.files(__package__ or "vdpacert.migration") / _SCENARIO_DIR / "linux"
+    if not root.is_dir():
+        return []
+    return sorted((Path(str(entry)) for entry in root.iterdir() if entry.name.endswith(".toml")),
+                  key=lambda p: p.name)
 
 
 def shipped_scenarios() -> list[Path]:

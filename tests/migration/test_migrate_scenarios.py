@@ -17,7 +17,13 @@ import pytest
 from vdpacert.cli import main
 from vdpacert.conformance.mutants.registry import target_string
 from vdpacert.migration.orchestrator import Migration
-from vdpacert.migration.scenario import load_scenario, load_scenario_text, shipped_scenarios
+from vdpacert.migration.scenario import (
+    linux_scenarios,
+    load_scenario,
+    load_scenario_text,
+    packaged_scenario,
+    shipped_scenarios,
+)
 
 SHIPPED = {path.stem: path for path in shipped_scenarios()}
 
@@ -100,3 +106,16 @@ def test_list_names_every_shipped_scenario(capsys: pytest.CaptureFixture[str]) -
     assert main(["migrate", "--list"]) == 0
     listed = capsys.readouterr().out
     assert all(name in listed for name in SHIPPED)
+
+
+def test_linux_scenarios_name_three_char_devices_and_shadow_tracking() -> None:
+    """The guest-kernel scenarios (run by kernel_tests/ under ``vdpacert kernel run``) load, by name too."""
+    paths = linux_scenarios()
+    assert paths
+    for path in paths:
+        scenario = load_scenario(path)
+        assert packaged_scenario(f"linux/{path.stem}") == path
+        devices = {scenario.device.target, scenario.device.destination_target, scenario.device.twin_target}
+        assert len(devices) == 3 and all(d.startswith("vhost-vdpa:/dev/vhost-vdpa-") for d in devices)
+        assert scenario.migration.mode == "shadow"  # Linux's vhost-vdpa cannot log
+    assert packaged_scenario("../../etc/passwd") is None and packaged_scenario("no-such") is None

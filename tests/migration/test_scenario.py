@@ -221,7 +221,13 @@ FAILED = '[migration]\nexpect = "failed"\n'
      '[workload]\npromisc = true', "workload.promisc", "bit 18"),
     ('[device]\ntarget = "sim-net:features=300000000"\nevent_idx = false\nring = "packed"', "device.ring", "bit 34"),
     ('[device]\ntarget = "sim-net:features=300000000"\nevent_idx = false', "migration.mode", "bit 26"),
-    ('[device]\ntarget = "vhost-vdpa:/dev/vhost-vdpa-0"', "migration.mode", '"shadow"'),
+    ('[device]\ntarget = "vhost-vdpa:/dev/vhost-vdpa-0"\ndestination = "vhost-vdpa:/dev/vhost-vdpa-1"\n'
+     'twin = "vhost-vdpa:/dev/vhost-vdpa-2"', "migration.mode", '"shadow"'),
+    ('[device]\ntarget = "vhost-vdpa:/dev/vhost-vdpa-0"\n[migration]\nmode = "shadow"', "device.destination",
+     "one owner at a time"),
+    ('[device]\ntarget = "vhost-vdpa:/dev/vhost-vdpa-0"\ndestination = "vhost-vdpa:/dev/vhost-vdpa-1"\n'
+     '[migration]\nmode = "shadow"', "device.twin", "one owner at a time"),
+    ('[device]\ntarget = "sim-net"\ntwin = "sim-blk"', "device.twin", "cannot be the twin"),
     # faults and the expected outcome
     ('[[faults]]\nkind = "link-drop"', "migration.expect", 'expects "failed"'),
     (FAILED, "migration.expect", "needs a [[faults]]"),
@@ -245,7 +251,8 @@ def test_fields_that_contradict_each_other_are_refused(text: str, key: str, frag
     '[device]\ntarget = "sim-net:mq=2"\nqueues = 2\n[workload]\nmq_pairs = 2',
     '[device]\ntarget = "sim-net:queue_size=1024"\nring = "packed"\nqueue_size = 1000\nstart_index = 999\n'
     '[workload]\nchain_spans_ring = true',
-    '[device]\ntarget = "vhost-vdpa:/dev/vhost-vdpa-0"\n[migration]\nmode = "shadow"',
+    '[device]\ntarget = "vhost-vdpa:/dev/vhost-vdpa-0"\ndestination = "vhost-vdpa:/dev/vhost-vdpa-1"\n'
+    'twin = "vhost-vdpa:/dev/vhost-vdpa-2"\n[migration]\nmode = "shadow"',
     '[device]\ntarget = "python:vendor.mod:make"\n[workload]\nblk_writes_per_s = 10',
     FAILED + '[[faults]]\nkind = "corrupt-stream"\ntarget = "state"',
     FAILED + '[[faults]]\nkind = "source-crash"\niteration = 30',

@@ -1,7 +1,8 @@
 """``vdpacert migrate SCENARIO...``: run migration scenarios and say whether each kept every byte.
 
 A SCENARIO is a TOML file (docs/scenarios.md), or the name of a shipped one (``vdpacert migrate
---list`` shows them; ``all`` runs every one). Progress goes to stderr while a scenario runs; the
+--list`` shows them; ``all`` runs every one; ``linux/NAME`` ones need a guest kernel with Linux's vdpa_sim,
+see ``vdpacert kernel``). Progress goes to stderr while a scenario runs; the
 summary table to stdout: iterations, bytes sent, simulated total time and downtime, converged or
 not, the verification verdict, and PASS when the scenario's expectation was met with nothing lost.
 ``--json F`` writes one object per scenario (the issue's fields first); ``--plot F.png`` draws dirty
@@ -35,17 +36,15 @@ def register(subparsers: Any) -> None:
 
 
 def _resolve(names: list[str]) -> list[Scenario]:
-    from vdpacert.migration.scenario import load_scenario, shipped_scenarios
+    from vdpacert.migration.scenario import load_scenario, packaged_scenario, shipped_scenarios
 
-    shipped = {path.stem: path for path in shipped_scenarios()}
     out = []
     for name in names:
         if name == "all":
-            out += [load_scenario(path) for path in shipped.values()]
-        elif name in shipped:
-            out.append(load_scenario(shipped[name]))
-        else:
-            out.append(load_scenario(Path(name)))
+            out += [load_scenario(path) for path in shipped_scenarios()]
+            continue
+        packaged = packaged_scenario(name)
+        out.append(load_scenario(packaged if packaged is not None else Path(name)))
     return out
 
 
@@ -54,11 +53,14 @@ def run(args: argparse.Namespace) -> int:
     from vdpacert.migration.scenario import ScenarioError, shipped_scenarios
 
     if args.list:
-        from vdpacert.migration.scenario import load_scenario
+        from vdpacert.migration.scenario import linux_scenarios, load_scenario
 
         for path in shipped_scenarios():
             scenario = load_scenario(path)
             print(f"{path.stem:<34} {scenario.description}")
+        for path in linux_scenarios():
+            scenario = load_scenario(path)
+            print(f"{'linux/' + path.stem:<34} {scenario.description} (in a guest kernel: vdpacert kernel run)")
         return 0
     if not args.scenarios:
         print("vdpacert migrate: name at least one scenario (or 'all'; --list shows them)", file=sys.stderr)

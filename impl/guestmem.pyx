@@ -24,19 +24,23 @@ cdef inline bint _fits(uint64_t offset, uint64_t length, uint64_t size) noexcept
 
 
 cdef class GuestMemory:
-    """``size`` bytes of zeroed, private anonymous memory at guest-physical address ``gpa``.
+    """``size`` bytes of zeroed anonymous memory at guest-physical address ``gpa``.
 
     Reads and writes by offset are bounds-checked (IndexError, nothing touched). The region
-    registers itself with the process-wide registry unless ``register=False``.
+    registers itself with the process-wide registry unless ``register=False``. ``shared`` maps it
+    MAP_SHARED (shmem-backed) instead of private: a real vhost-vdpa device whose parent works
+    on virtual addresses (``use_va``, as vdpa_sim by default) maps only shared memory and skips the
+    rest without an error, so guest memory given to such a device must be shared, as QEMU's
+    ``share=on`` memory backends are.
     """
 
-    def __cinit__(self, uint64_t size, uint64_t gpa=0, bint register=True):
+    def __cinit__(self, uint64_t size, uint64_t gpa=0, bint register=True, bint shared=False):
         cdef unsigned char[::1] view
         if size == 0:
             raise ValueError("guest memory needs at least one byte")
         if gpa > _U64_MAX - (size - 1):
             raise ValueError(f"a region of {size} bytes at gpa {gpa:#x} runs past 2^64")
-        self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+        self._map = mmap.mmap(-1, size, flags=(mmap.MAP_SHARED if shared else mmap.MAP_PRIVATE) | mmap.MAP_ANONYMOUS,
                               prot=mmap.PROT_READ | mmap.PROT_WRITE)
         view = self._map
         self._view = view

@@ -217,10 +217,10 @@ class ConformanceRun:
     def target(self) -> Target:
         """This process's open target (opened on first use, reopened if an example killed it)."""
         if self._target is None:
-            from vdpacert.conformance.targets import make_target
+            from vdpacert.conformance.targets import shared_target
 
             try:
-                self._target = make_target(self.target_name)
+                self._target = shared_target(self.target_name)
             except (ValueError, OSError) as error:
                 raise pytest.UsageError(f"cannot open target {self.target_name}: {error}") from error
             self._target.declared_quirks = frozenset(quirk.name for quirk in self.target_profile.quirks)
@@ -270,8 +270,9 @@ class ConformanceRun:
                 "device": None if self.device is None else self.device.to_json()}
 
     def close(self) -> None:
-        if self._target is not None:
-            self._target.close()
+        from vdpacert.conformance.targets import close_shared_targets
+
+        close_shared_targets()
 
 
 _RUN: Final = pytest.StashKey[ConformanceRun]()
@@ -395,10 +396,12 @@ def _build_report(run: ConformanceRun) -> Report:
     device = devices[0] if devices else None
     if device is None:  # no process got as far as opening the target: ask it here, for applicability
         try:
-            from vdpacert.conformance.targets import make_target
+            from vdpacert.conformance.targets import close_shared_targets, shared_target
 
-            with make_target(run.target_name) as target:
-                device = probe(target)
+            try:
+                device = probe(shared_target(run.target_name))
+            finally:
+                close_shared_targets()
         except Exception as error:  # the report is still written, with every clause not exercised
             print(f"vdpacert: cannot open {run.target_name} to learn its device: {error}", file=sys.stderr)
     info = RunInfo(run.target_name, run.run_profile.name, run.target_profile.name, run.seed, run.started,

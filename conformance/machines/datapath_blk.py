@@ -287,7 +287,7 @@ class BlkDatapathMachine(DatapathMachine):
         done: dict[int, BlkCompletion] = {}
         while len(done) < len(ids):
             try:
-                got = self.session.blk_complete(0, len(ids) - len(done), timeout=self.SETTLE)
+                got = self.session.blk_complete(0, len(ids) - len(done), timeout=self.settle)
             except DeviceTimeout as error:
                 missing = [plan.kind for (plan, _), i in zip(predicted, ids, strict=True) if i not in done]
                 raise self.fail(clause, f"{what}: {missing} ({error})") from None

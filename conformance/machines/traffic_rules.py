@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING
 
 from hypothesis import strategies as st
 from hypothesis.stateful import precondition, rule
@@ -159,7 +159,7 @@ class TrafficRules:
 
     # ----- what DatapathMachine provides (declared for the type checker, defined there) -----------------
 
-    SETTLE: ClassVar[float]
+    settle: float
     target: Target
     layout: GuestLayout
     client: SessionClient
@@ -312,7 +312,7 @@ class TrafficRules:
             try:
                 entries = session.reap(index, 0)
                 if wait and chain.id in session.rings[index].outstanding:
-                    entries += session.reap(index, 1, timeout=self.SETTLE)
+                    entries += session.reap(index, 1, timeout=self.settle)
             except DeviceViolation as error:
                 broken = broken or f"[{error.clause}] {error.message}"
                 continue
@@ -675,7 +675,7 @@ class TrafficRules:
         self.target.service()
         self.count(KICK_NOT_LOST)
         try:
-            got = self.session.reap(probe.queue, len(chains), timeout=self.SETTLE)
+            got = self.session.reap(probe.queue, len(chains), timeout=self.settle)
         except (DeviceTimeout, DeviceViolation) as error:
             raise self.fail(KICK_NOT_LOST, f"{probe.what} kicked while suspended, after RESUME: {error}") from None
         missing = {chain.id for chain in chains} - {entry.id for entry in got}

@@ -26,7 +26,7 @@ from vdpacert.conformance.targets.spec import parse_target
 if TYPE_CHECKING:
     from vdpacert.impl.guestmem import GuestMemory
 
-__all__ = ["Target", "make_target"]
+__all__ = ["Target", "close_shared_targets", "make_target", "shared_target"]
 
 #: How often wait_call services an embedded device while it waits (seconds).
 _WAIT_SLICE = 0.01
@@ -162,3 +162,27 @@ def make_target(spec: str) -> Target:
     from vdpacert.conformance.targets.embedded import SimTarget
 
     return SimTarget(parsed)
+
+
+#: The targets of this process that everything in a run shares, by target string.
+_SHARED: dict[str, Target] = {}
+
+
+def shared_target(spec: str) -> Target:
+    """The one open target for ``spec`` in this process, opened on first use (and again once closed).
+
+    Every machine of a run goes through it: a real ``/dev/vhost-vdpa-N`` has one opener at a time
+    (a second open is EBUSY), so a run cannot open its device once per machine; and the target
+    carries what the run knows of it (the declared quirks of its profile) to every machine.
+    """
+    target = _SHARED.get(spec)
+    if target is None or target.closed:
+        target = _SHARED[spec] = make_target(spec)
+    return target
+
+
+def close_shared_targets() -> None:
+    """Close every shared target (the end of a run)."""
+    for target in _SHARED.values():
+        target.close()
+    _SHARED.clear()

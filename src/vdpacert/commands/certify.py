@@ -161,6 +161,9 @@ def _check_usage(args: argparse.Namespace) -> str | None:
         return str(error)
     if args.numprocesses not in ("0", "auto", "logical") and not args.numprocesses.isdigit():
         return f"-n {args.numprocesses!r}: give a number of workers or 'auto'"
+    if parse_target(args.target).kind == "vhost-vdpa" and args.numprocesses not in ("0", "1"):
+        return (f"-n {args.numprocesses}: a vhost-vdpa device has one opener at a time, so its run cannot be "
+                "shared by workers; use -n 0 (or one certify run per device)")
     return None
 
 

@@ -366,10 +366,11 @@ class DriverSession:
             self.kick(index)
         return chains
 
-    def receive_frames(self, pair: int, count: int, *, timeout: float | None = None) -> list[Frame]:
+    def receive_frames(self, pair: int, count: int, *, timeout: float | None = None,
+                       check_num_buffers: bool = True) -> list[Frame]:
         """Reap ``count`` RX buffers and parse each as header + frame (checked: CRC, header, EtherType)."""
         mrg = bool(self.features >> N.VIRTIO_NET_F_MRG_RXBUF & 1)
-        return [parse_frame(used.data, mrg_rxbuf=mrg)
+        return [parse_frame(used.data, mrg_rxbuf=mrg, check_num_buffers=check_num_buffers)
                 for used in self.reap(self.rx_queue(pair), count, timeout=timeout)]
 
     def tx_done(self, pair: int, count: int, *, timeout: float | None = None) -> list[Used]:

@@ -64,7 +64,8 @@ def extensions() -> list[Extension]:
         link_args = flags
     #: (package, folder) of every package with Cython modules: the reference implementation, the
     #: migration's dirty-bitmap scanner, and the benchmark's C baseline.
-    compiled = (("vdpacert.impl", "impl"), ("vdpacert.migration", "migration"), ("vdpacert.bench", "src/vdpacert/bench"))
+    compiled = (("vdpacert.impl", "impl"), ("vdpacert.migration", "migration"),
+                ("vdpacert.bench", "src/vdpacert/bench"))
     modules = [
         Extension(
             f"{package}.{pyx.stem}",

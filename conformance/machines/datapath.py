@@ -231,7 +231,10 @@ class DatapathMachine(TrafficRules, RuleBasedStateMachine):
         #: Used-buffer notifications and the driver's own kicks, held against model/notify.py. An in-process
         #: front runs the device inside ``service``: a signal it owes cannot come later, so none is waited for
         #: (a shrinking run replays a missed one hundreds of times).
-        self.notify = NotifyWatch(self.count, self.fail, self.status, 0.0 if in_process else self.settle)
+        #: SHOULD deviations this example noted without stopping (the runner files them as warnings).
+        self.warned: list[tuple[str, str]] = []
+        self.notify = NotifyWatch(self.count, self.fail, self.status, 0.0 if in_process else self.settle,
+                                  warn=self.warn)
         self.ring_draws = DriverDraws()
 
     def teardown(self) -> None:
@@ -247,6 +250,11 @@ class DatapathMachine(TrafficRules, RuleBasedStateMachine):
     def fail(self, clause: str, message: str) -> Exception:
         self.count(clause)
         return violation(clause, message)
+
+    def warn(self, clause: str, message: str) -> None:
+        """A SHOULD-level deviation: counted, noted for the report, and the example goes on."""
+        self.count(clause)
+        self.warned.append((clause, message))
 
     # ----- what a device type provides -------------------------------------------------------------------
 

@@ -53,6 +53,7 @@ from vdpacert.model.notify import (
     split_notification,
 )
 from vdpacert.model.ring_index import u16
+from vdpacert.model.spec import Level
 from vdpacert.uapi.virtio_config import VIRTIO_CONFIG_S_NEEDS_RESET, VIRTIO_F_RING_PACKED
 from vdpacert.uapi.virtio_ring import (
     VIRTIO_RING_F_EVENT_IDX,
@@ -209,8 +210,10 @@ class NotifyWatch:
     """
 
     def __init__(self, count: Callable[[str], None], fail: Callable[[str, str], Exception],
-                 status: Callable[[], int], settle: float) -> None:
+                 status: Callable[[], int], settle: float, warn: Callable[[str, str], None] | None = None) -> None:
         self.count, self.fail, self.status, self.settle = count, fail, status, settle
+        #: Where a SHOULD-level deviation is filed so the example goes on (None: it stops it, like a MUST).
+        self.warn = warn
         self.session: DriverSession | None = None
         self.plan = DriverPlan()
         self.opened: dict[int, int] = {}  # turns taken per queue, across bring-ups: which choice is in effect
@@ -326,6 +329,9 @@ class NotifyWatch:
         if rule.decision is Decision.MUST_NOTIFY:
             self.count(CALL_SIGNALLED)
         if violation is not None:
+            if violation.level is Level.SHOULD and self.warn is not None:
+                self.warn(rule.rule, detail)  # a SHOULD not followed: filed, and the example goes on
+                return
             raise self.fail(rule.rule, detail)
 
     @staticmethod

@@ -35,7 +35,7 @@ from typing import Final
 
 from vdpacert.uapi import vhost as ioctls
 from vdpacert.uapi import vhost_types as vt
-from vdpacert.uapi.virtio_config import VIRTIO_F_RING_RESET
+from vdpacert.uapi.virtio_config import VIRTIO_F_ACCESS_PLATFORM, VIRTIO_F_RING_RESET
 
 from . import sections
 from .iotlb import INVALIDATE_SIZE_ZERO, INVALIDATE_WRAPS, U64_MAX, VALID_PERMS, IotlbMap, IotlbModel
@@ -323,6 +323,7 @@ MODELLED_QUIRKS: Final = frozenset(
         "vhost_vdpa.vring_num_bounds_unchecked",
         "vhost_vdpa.iotlb_perm_unchecked",
         "vhost_vdpa.invalidate_range_unchecked",
+        "vdpa_sim.set_features_requires_access_platform",
     }
 )
 assert MODELLED_QUIRKS <= QUIRKS.keys(), "a modelled quirk must be in the quirk registry"
@@ -602,6 +603,9 @@ class VhostVdpaModel:
             self.device.set_log_all(bool(features & log_all))
             self._s.acked_features = self.device.get_driver_features()
             return
+        if not features >> VIRTIO_F_ACCESS_PLATFORM & 1 and self._quirk(
+                "vdpa_sim.set_features_requires_access_platform"):
+            raise SET_FEATURES_FAILED.fail("the parent refuses any feature set without ACCESS_PLATFORM")
         try:
             self.device.set_driver_features(features)
         except ModelErrno as e:

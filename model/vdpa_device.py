@@ -414,13 +414,17 @@ class VdpaDeviceModel:
     def get_status(self) -> int:
         return self.status
 
-    def set_status(self, status: int) -> StatusWrite:
-        """Apply a status write (0 resets); what the device then reports is ``result.status``."""
+    def set_status(self, status: int, *, accept_any_features: bool = False) -> StatusWrite:
+        """Apply a status write (0 resets); what the device then reports is ``result.status``.
+
+        ``accept_any_features``: FEATURES_OK is kept whatever the features (a declared quirk of a parent
+        that never refuses them; the spec's device must refuse an invalid set).
+        """
         suspend_ok = bool((self.driver_features & self.spec.device_features) >> VIRTIO_F_SUSPEND & 1)
         result = write_status(
             self.status,
             status,
-            features_valid=self.features_valid(),
+            features_valid=accept_any_features or self.features_valid(),
             suspend_negotiated=suspend_ok,
             needs_reset=self.needs_reset,
         )

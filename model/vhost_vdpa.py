@@ -324,6 +324,7 @@ MODELLED_QUIRKS: Final = frozenset(
         "vhost_vdpa.iotlb_perm_unchecked",
         "vhost_vdpa.invalidate_range_unchecked",
         "vdpa_sim.set_features_requires_access_platform",
+        "vdpa_sim.features_ok_never_refused",
     }
 )
 assert MODELLED_QUIRKS <= QUIRKS.keys(), "a modelled quirk must be in the quirk registry"
@@ -672,7 +673,10 @@ class VhostVdpaModel:
         if status == 0:
             self._reset_device()
             return StatusWrite(status=0, reset=True)
-        written = self.device.set_status(status)
+        newly_ok = status & ~old & StatusBit.FEATURES_OK
+        accept_any = bool(newly_ok) and not self.device.features_valid() and self._quirk(
+            "vdpa_sim.features_ok_never_refused")
+        written = self.device.set_status(status, accept_any_features=accept_any)
         self._note_starts()
         return written
 

@@ -616,6 +616,29 @@ def test_declared_quirks_change_the_answer_and_are_counted() -> None:
         VhostVdpaModel(VDPA_SIM_NET, quirks={"vdpa_sim.passthrough_default_map"})
 
 
+def test_declared_vdpa_sim_feature_quirks_change_the_answer_and_are_counted() -> None:
+    """vdpa_sim refuses any feature set without ACCESS_PLATFORM and never refuses FEATURES_OK."""
+    declared = {"vdpa_sim.set_features_requires_access_platform", "vdpa_sim.features_ok_never_refused"}
+    v = VhostVdpaModel(VDPA_SIM_NET, quirks=declared)
+    v.open()
+    v.VHOST_SET_OWNER()
+    without = GOOD & ~mask_of(NET, "ACCESS_PLATFORM")
+    raises(errno.EINVAL, "vhost_vdpa.set_features.refused", v.VHOST_SET_FEATURES, without)
+    invalid = mask_of(NET, "VERSION_1", "ACCESS_PLATFORM", "MQ")  # MQ without CTRL_VQ breaks a MUST
+    v.VHOST_SET_FEATURES(invalid)
+    ack_driver = int(StatusBit.ACKNOWLEDGE | StatusBit.DRIVER)
+    v.VHOST_VDPA_SET_STATUS(ack_driver)
+    v.VHOST_VDPA_SET_STATUS(ack_driver | StatusBit.FEATURES_OK)
+    assert v.VHOST_VDPA_GET_STATUS() & StatusBit.FEATURES_OK  # kept, as vdpa_sim stores the byte as written
+    assert v.quirks_taken == dict.fromkeys(declared, 1)
+    plain = fresh()
+    plain.VHOST_SET_FEATURES(without)  # the spec's device takes it
+    plain.VHOST_SET_FEATURES(invalid)
+    plain.VHOST_VDPA_SET_STATUS(ack_driver)
+    plain.VHOST_VDPA_SET_STATUS(ack_driver | StatusBit.FEATURES_OK)
+    assert not plain.VHOST_VDPA_GET_STATUS() & StatusBit.FEATURES_OK
+
+
 def test_without_quirks_the_rules_hold() -> None:
     v = fresh()
     raises(errno.EINVAL, "vhost_vdpa.vring_num.bounds", v.VHOST_SET_VRING_NUM, 0, 1024)

@@ -267,13 +267,12 @@ class Vmm:
 
     def _start_shadow(self, vring: _Vring) -> None:
         self._map_vmm_memory()
-        data_queue = vring.index != self.ctrl_queue()
         shadow = ShadowVirtqueue(
             vring.index, guest=self.guest, vmm=self.vmm, num=vring.num, desc=vring.desc, avail=vring.avail,
             used=vring.used, features=self.features, base=vring.base,
             inflight=self._pending_inflight.pop(vring.index, ()),
-            dirty=self.shadow_dirty if data_queue else self.cpu_dirty)
-        if not data_queue:
+            dirty=self._dirty_sink(vring.index))
+        if vring.index == self.ctrl_queue():
             shadow.observer = self._observe_ctrl
         client, index = self.client, vring.index
         client.set_vring_base(index, shadow.shadow_base)
@@ -287,22 +286,25 @@ class Vmm:
     def shadows(self) -> list[ShadowVirtqueue]:
         return [v.shadow for v in self._vrings.values() if v.shadow is not None]
 
+    def _dirty_sink(self, index: int) -> DirtySink | None:
+        """Where queue ``index``'s shadow notes guest writes: a data queue's, where the device's writes are
+        tracked (SHADOW mode); the controlq's, with the VMM's own writes (it is shadowed in both modes)."""
+        return self.cpu_dirty if index == self.ctrl_queue() else self.shadow_dirty
+
+    def _route_dirty(self) -> None:
+        for vring in self._vrings.values():
+            if vring.shadow is not None:
+                vring.shadow.dirty = self._dirty_sink(vring.index)
+
     def set_shadow_dirty(self, sink: DirtySink | None) -> None:
         """Where shadowed data queues note device writes from now on (None: nowhere)."""
         self.shadow_dirty = sink
-        ctrl = self.ctrl_queue()
-        for vring in self._vrings.values():
-            if vring.shadow is not None and vring.index != ctrl:
-                vring.shadow.dirty = sink
+        self._route_dirty()
 
     def set_cpu_dirty(self, sink: DirtySink | None) -> None:
         """Where the VMM's own writes to guest memory (the CVQ shadow's) are noted from now on."""
         self.cpu_dirty = sink
-        ctrl = self.ctrl_queue()
-        if ctrl is not None and ctrl in self._vrings and self._vrings[ctrl].shadow is not None:
-            shadow = self._vrings[ctrl].shadow
-            assert shadow is not None
-            shadow.dirty = sink if self.mode is DirtyMode.DEVICE_LOG else self.shadow_dirty
+        self._route_dirty()
 
     def _forget_queues(self) -> None:
         for vring in self._vrings.values():

@@ -192,13 +192,14 @@ class Migration:
         self._run(workloads, seconds)
         self.clock.advance(seconds)
         problems = self.result.problems
+        digests = []
         for name, workload in zip(("guest", "twin"), workloads, strict=True):
             try:
                 workload.drain()
-                workload.verify()
+                digests.append(workload.verify())
             except WorkloadError as error:
                 problems.append(f"{name}: {error}")
-        digests = [w.digest() for w in workloads]
+                digests.append(workload.digest())
         if digests[0] != digests[1]:
             problems.append("the migrated guest and its unmigrated twin observed different results")
         else:

@@ -274,20 +274,23 @@ class Workload:
                 self._check_ok(session.blk_complete(queue, len(waiting)))
             self.pending[queue] = []
 
-    def verify(self) -> None:
-        """WorkloadError unless every frame came back exactly once, in order, and the disk reads back as written."""
+    def verify(self) -> str:
+        """WorkloadError unless every frame came back exactly once, in order, and the disk reads back as written;
+        else :meth:`digest` of what was just read (the disk is read once for both)."""
         problems = []
         for pair, stream in sorted(self.streams.items()):
             try:
                 stream.check(in_order=True, complete=True)
             except DeviceViolation as error:
                 problems.append(f"pair {pair}: {error.message}")
+        disk = self._read_back() if self.shadow is not None else []
         if self.shadow is not None:
-            for sector, data in self._read_back():
+            for sector, data in disk:
                 problems += self.shadow.mismatches(sector, data)
         if problems:
             raise WorkloadError("; ".join(problems[:8]) + (f" (and {len(problems) - 8} more)" if len(problems) > 8
                                                            else ""))
+        return self._digest(disk)
 
     def _read_back(self) -> list[tuple[int, bytes]]:
         """Every written sector (and its neighbourhood, in whole requests), read through the device."""
@@ -302,11 +305,13 @@ class Workload:
         return out
 
     def digest(self) -> str:
-        """What the guest observed, as one hash: the frames received per pair, or the disk as read back."""
+        """What the guest observed, as one hash: the frames received per pair, and the disk as read back now."""
+        return self._digest(self._read_back() if self.shadow is not None else [])
+
+    def _digest(self, disk: list[tuple[int, bytes]]) -> str:
         h = hashlib.sha256()
         for pair, stream in sorted(self.streams.items()):
             h.update(f"{pair}:{stream.received}".encode())
-        if self.shadow is not None:
-            for sector, data in self._read_back():
-                h.update(sector.to_bytes(8, "little") + data)
+        for sector, data in disk:
+            h.update(sector.to_bytes(8, "little") + data)
         return h.hexdigest()

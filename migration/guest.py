@@ -114,15 +114,11 @@ class Guest:
 
     def _queue_indexes(self) -> list[int]:
         if self.device_id == VIRTIO_ID_NET:
-            pairs = self.config.queues
-            queues = net_queues(self.features, pairs)
-            if self.features >> N.VIRTIO_NET_F_MQ & 1:  # the controlq follows the device's pairs, not ours
-                queues = [*range(2 * pairs), 2 * self._max_pairs()]
-            return queues
+            # The data queues of the pairs the guest uses, then the controlq, which follows the device's pairs.
+            data = net_queues(self.features & ~(1 << N.VIRTIO_NET_F_CTRL_VQ), self.config.queues)
+            ctrl = self.vmm.ctrl_queue(self.features)
+            return data + ([] if ctrl is None else [ctrl])
         return list(range(self.config.queues))
-
-    def _max_pairs(self) -> int:
-        return int.from_bytes(self.vmm.client.get_config(8, 2), "little")
 
     @property
     def memory(self) -> GuestMemory:

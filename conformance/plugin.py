@@ -60,6 +60,10 @@ _SEED: Final = "vdpacert_seed"
 _STARTED: Final = "vdpacert_started"
 
 
+#: Values of ``--vdpa-on-failure`` (see :attr:`ConformanceRun.keeps_going`).
+ON_FAILURE: Final = ("auto", "shrink", "continue")
+
+
 class VdpaWarning(UserWarning):
     """A SHOULD clause the target did not follow (reported, the test still passes)."""
 
@@ -87,6 +91,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="write the report (JSON, JUnit, HTML), per-worker recorder fragments and replay files here")
     group.addoption("--vdpa-db", default=None, metavar="DIR",
                     help="Hypothesis example database directory (shareable; default: no database)")
+    group.addoption("--vdpa-on-failure", default="auto", choices=ON_FAILURE,
+                    help="what a machine does at a failing check: 'shrink' stops the machine and shrinks the "
+                         "example to a minimal sequence; 'continue' files the failure with the steps that found it, "
+                         "ends that example and goes on with the next, so one bug does not hide the rest "
+                         "(default: auto, continue on a vhost-vdpa: device, whose timing makes shrinking "
+                         "unreliable, else shrink)")
     group.addoption("--vdpa-suite", action="append", default=None, metavar="MODULE",
                     help="run the suite machines these modules register instead of the built-in suite (repeatable)")
 
@@ -174,6 +184,10 @@ class ConformanceRun:
             self.run_profile: RunProfile = profile
             self.target_profile: TargetProfile = target_profile(option.vdpa_target_profile, kind=parsed.kind)
             self.shard = None if option.vdpa_shard is None else parse_shard(option.vdpa_shard)
+            on_failure = getattr(option, "vdpa_on_failure", "auto")
+            #: File each failing check and go on with the next example (``--vdpa-on-failure continue``),
+            #: instead of stopping the machine at its first failure to shrink it.
+            self.keeps_going: bool = on_failure == "continue" or (on_failure == "auto" and parsed.kind == "vhost-vdpa")
         except (ValueError, ProfileError) as error:
             raise pytest.UsageError(str(error)) from None
         workerinput: dict[str, Any] | None = getattr(config, "workerinput", None)
@@ -258,10 +272,11 @@ class ConformanceRun:
 
         database = None if self.db_dir is None else DirectoryBasedExampleDatabase(str(self.db_dir))
         phases = [Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink]
-        if parse_target(self.target_name).kind == "vhost-vdpa":
+        if self.keeps_going or parse_target(self.target_name).kind == "vhost-vdpa":
             # A real device answers on its kernel thread's time: replaying an example may see it answer
             # differently, so the machine draws differently and a shrink ends in Hypothesis's "flaky"
-            # error instead of the failure. Its first failure is reported as found, unshrunk.
+            # error instead of the failure. Its first failure is reported as found, unshrunk. (Going on
+            # past failures, nothing ever fails in Hypothesis's eyes: there is nothing to shrink.)
             phases.remove(Phase.shrink)
         return settings(**self.run_profile.settings_kwargs(), database=database, derandomize=False,
                         report_multiple_bugs=False, print_blob=True, phases=phases,
@@ -319,7 +334,7 @@ def pytest_report_header(config: pytest.Config) -> str | None:
     shard_text = "" if run.shard is None else f", shard {run.shard[0]}/{run.shard[1]}"
     return (f"vdpacert: target {run.target_name}, profile {profile.name} ({profile.max_examples} examples x "
             f"{profile.stateful_step_count} steps), target profile {run.target_profile.name}, seed {run.seed}"
-            f"{shard_text}")
+            f"{shard_text}{', going on past failures' if run.keeps_going else ''}")
 
 
 @pytest.hookimpl(optionalhook=True)

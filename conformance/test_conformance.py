@@ -15,13 +15,24 @@ seed, and files what happened in the process's recorder:
 * a failure of a SHOULD (or MAY) clause: the same record, a warn verdict; the test passes with
   a :class:`~vdpacert.conformance.plugin.VdpaWarning`.
 
+By default the first failure stops the machine and Hypothesis shrinks it. A run that *keeps going*
+(``--vdpa-on-failure continue``, the default on a real device) files each failure the moment a
+rule, an invariant or the teardown raises it, with the steps of the example so far as its sequence,
+and ends only that example: its later steps do nothing (model and device no longer agree, so no
+later comparison would mean anything) and the next example starts from a reset device. One bug
+then costs one example, not the rest of the machine's clauses. The test fails at the end if any
+MUST failure was filed.
+
 An exception naming no clause is a crash of the machine (or of the suite), not a verdict: the
 test errors with it, so a broken check can never pass as a clean run.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import warnings
+from collections.abc import Callable
 from typing import Any, cast
 
 import pytest
@@ -52,12 +63,67 @@ def _minimal_sequence(lines: list[str], log: StepLog | None) -> tuple[str, ...]:
     return tuple(step.text for step in log.steps) if log is not None else ()
 
 
+Filer = Callable[[BaseException, StepLog], None]
+
+
+def _keep_going(machine: RuleBasedStateMachine, log: StepLog, file: Filer) -> Callable[[], bool]:
+    """Make ``machine`` file its clause failures with ``file`` and then idle to the end of its example.
+
+    Rules (the initialize rules too) and invariants are wrapped on this instance only: an exception
+    naming a clause is filed and ends the example's work; anything else is a crash and propagates.
+    Returns a function telling whether the example has ended so (for the teardown).
+    """
+    ended = False
+
+    def filed(error: Exception) -> None:
+        nonlocal ended
+        if clause_of(error) is None:  # a crash of the machine, never a verdict
+            raise error
+        ended = True
+        file(error, log)
+
+    def guarded(function: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(function)
+        def call(state: RuleBasedStateMachine, **arguments: Any) -> Any:
+            if ended:
+                return None
+            try:
+                return function(state, **arguments)
+            except Exception as error:  # filed, or re-raised by filed() when it names no clause
+                filed(error)
+                return None
+
+        return call
+
+    def guard_drawn(drawn: tuple[Any, dict[str, Any]]) -> tuple[Any, dict[str, Any]]:
+        rule, arguments = drawn
+        return dataclasses.replace(rule, function=guarded(rule.function)), arguments
+
+    hooked: Any = machine  # Hypothesis's own attributes (see StepLog.attach)
+    hooked._rules_strategy = machine._rules_strategy.map(guard_drawn)
+    hooked._initialize_rules_to_run = [dataclasses.replace(rule, function=guarded(rule.function))
+                                        for rule in machine._initialize_rules_to_run]
+    check_invariants = machine.check_invariants
+
+    def checked(*arguments: Any, **keywords: Any) -> None:
+        if ended:
+            return
+        try:
+            check_invariants(*arguments, **keywords)
+        except Exception as error:  # filed, or re-raised by filed() when it names no clause
+            filed(error)
+
+    setattr(machine, "check_invariants", checked)  # noqa: B010 - instance override
+    return lambda: ended
+
+
 def _factory(run: ConformanceRun, entry: SuiteEntry, machine_cls: type[RuleBasedStateMachine],
-             logs: list[StepLog]) -> type[RuleBasedStateMachine]:
+             logs: list[StepLog], file: Filer | None = None) -> type[RuleBasedStateMachine]:
     """A machine factory that notes each example's steps and files its exercised counts.
 
     A function, not a subclass: Hypothesis takes any callable returning a machine (its stub says
     a class), and a function keeps the example database key free of a generated class's name.
+    With ``file`` the machine keeps going past failures (:func:`_keep_going`).
     """
 
     def make_machine() -> RuleBasedStateMachine:
@@ -65,11 +131,24 @@ def _factory(run: ConformanceRun, entry: SuiteEntry, machine_cls: type[RuleBased
         log = StepLog(run.note_step)
         log.attach(machine)
         logs[:] = [log]  # the last example is the one Hypothesis reports
+        ended = _keep_going(machine, log, file) if file is not None else (lambda: False)
         teardown = machine.teardown
+
+        def run_teardown() -> None:
+            if file is None:
+                teardown()
+                return
+            try:
+                teardown()
+            except Exception as error:  # filed, ignored or re-raised below
+                if clause_of(error) is None:
+                    raise
+                if not ended():  # after a filed failure, a teardown check compares a model the device left
+                    file(error, log)
 
         def file_counts_after_teardown() -> None:
             try:
-                teardown()
+                run_teardown()
             finally:
                 counts = getattr(machine, "exercised", None)
                 if counts is None:  # a wiring mistake must be loud: silence would read as "nothing exercised"
@@ -95,8 +174,11 @@ def _factory(run: ConformanceRun, entry: SuiteEntry, machine_cls: type[RuleBased
 
 
 def _file_failure(run: ConformanceRun, entry: SuiteEntry, error: BaseException, lines: list[str],
-                  log: StepLog | None) -> str | None:
-    """Record a clause failure; the text to fail the test with (None: a quirk or a warning)."""
+                  log: StepLog | None, *, write_replay: bool = True) -> str | None:
+    """Record a clause failure; the text to fail the test with (None: a quirk or a warning).
+
+    ``write_replay`` False files it without a replay file (a clause seen again in a run that keeps going).
+    """
     clause_id = clause_of(error)
     if clause_id is None or not clauses.is_clause(clause_id):
         if clause_id is not None:
@@ -106,7 +188,7 @@ def _file_failure(run: ConformanceRun, entry: SuiteEntry, error: BaseException, 
     notes = [str(note) for note in getattr(error, "__notes__", [])]
     sequence = _minimal_sequence([*lines, *notes], log)
     replay_path: str | None = None
-    if run.target_profile.quirk_for(clause_id) is None:
+    if write_replay and run.target_profile.quirk_for(clause_id) is None:
         replay = ReplayFile(run.target_name, entry.name, run.suite_modules, run.run_profile.name,
                             run.target_profile.name, run.seed, clause_id, message,
                             tuple(log.steps) if log is not None else (), sequence,
@@ -116,8 +198,9 @@ def _file_failure(run: ConformanceRun, entry: SuiteEntry, error: BaseException, 
                                     replay_file=replay_path)
     if not failed:
         return None
-    detail = "\n".join([f"{clause_id}: {message}", "minimal sequence:", *(f"  {s}" for s in sequence),
-                        f"replay: vdpacert replay {replay_path}"])
+    heading = "sequence (as found, unshrunk):" if run.keeps_going else "minimal sequence:"
+    detail = "\n".join([f"{clause_id}: {message}", heading, *(f"  {s}" for s in sequence),
+                        *([f"replay: vdpacert replay {replay_path}"] if replay_path is not None else [])])
     if clauses.clause(clause_id).is_must:
         return detail
     warnings.warn(VdpaWarning(detail), stacklevel=1)
@@ -130,17 +213,39 @@ def test_suite_machine(vdpa_run: ConformanceRun, vdpa_suite_entry: SuiteEntry, r
     machine_cls = entry.build(run.target(), run.run_profile)
     logs: list[StepLog] = []
     lines: list[str] = []
-    failure: str | None = None
+    failures: list[str] = []
+    replayed: set[str | None] = set()  # going on, each clause gets one replay file per machine
 
     def keep(text: object) -> None:
         lines.append(str(text))
 
+    def file_and_go_on(error: BaseException, log: StepLog) -> None:
+        clause_id = clause_of(error)
+        failure = _file_failure(run, entry, error, [], log, write_replay=clause_id not in replayed)
+        replayed.add(clause_id)
+        if failure is not None:
+            failures.append(failure)
+
     try:
         with with_reporter(keep):
-            run_state_machine_as_test(_factory(run, entry, machine_cls, logs), settings=run.hypothesis_settings())
+            factory = _factory(run, entry, machine_cls, logs, file_and_go_on if run.keeps_going else None)
+            run_state_machine_as_test(factory, settings=run.hypothesis_settings())
     except Exception as error:  # a clause failure (filed) or a crash (re-raised)
         failure = _file_failure(run, entry, error, lines, logs[-1] if logs else None)
+        if failure is not None:
+            failures.append(failure)
     finally:
         request.node.user_properties.append(("vdpacert_steps", run.steps - steps_before))
-    if failure is not None:
-        pytest.fail(failure, pytrace=False)
+    if failures:
+        pytest.fail("\n\n".join(_distinct(failures)), pytrace=False)
+
+
+def _distinct(failures: list[str]) -> list[str]:
+    """The first failure text of each clause, then a count of the repeats (a run that keeps going)."""
+    first: dict[str, str] = {}
+    seen: dict[str, int] = {}
+    for text in failures:
+        clause_id = text.partition(":")[0]
+        first.setdefault(clause_id, text)
+        seen[clause_id] = seen.get(clause_id, 0) + 1
+    return [text if seen[c] == 1 else f"{text}\n(failed in {seen[c]} examples)" for c, text in first.items()]

@@ -6,6 +6,9 @@ marker line; the test checks that the run reached a verdict (a report whose exit
 command's, every failure with its clause, message and replay file, every quirk hit named) and
 prints the findings: a deviation found is a result of the certification, not a failure of this
 test, but a crash of a suite machine, an unreadable report or a device the suite never reached is.
+On a real device the suite goes on past each failure (``--vdpa-on-failure`` auto), so one finding
+does not hide the clauses after it; each distinct finding is printed once with its count and the
+steps that found it, and the whole report is kept under the test's temporary directory.
 
     python -m pytest kernel_tests -p no:cacheprovider -s
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -41,20 +45,32 @@ def _certify(build: KernelBuild, device: str) -> tuple[int, dict[str, Any], str]
 
 
 @pytest.mark.parametrize("kind", sorted(DEVICES))
-def test_vdpa_sim_is_certified_and_its_findings_printed(build: KernelBuild, kind: str) -> None:
+def test_vdpa_sim_is_certified_and_its_findings_printed(build: KernelBuild, kind: str, tmp_path: Path) -> None:
     device, device_id = DEVICES[kind]
     status, report, output = _certify(build, device)
+    kept = tmp_path / f"vdpa_sim_{kind}.json"
+    kept.write_text(json.dumps(report, indent=1))
     assert "a suite machine crashed" not in output, output
     assert report["device"]["id"] == device_id and report["target_profile"] == "linux-vdpa-sim"
     assert status == report["exit_status"] and status in (0, 1), output
     verdicts = [row["verdict"] for row in report["clauses"]]
-    assert verdicts.count("pass") > 0, "the suite reached nothing on the device"
+    applicable = [v for v in verdicts if v != "not-applicable"]
+    reached = [v for v in applicable if v != "not-exercised"]
+    # Going on past failures, a bug ends one example, not the machine: most applicable clauses get a verdict.
+    assert verdicts.count("pass") > 0 and 2 * len(reached) >= len(applicable), report["summary"]
     for failure in report["failures"]:
         assert failure["clause"] and failure["message"]
     print(f"\n=== Linux vdpa_sim_{kind} (6.12), quick profile: " +
           ", ".join(f"{n} {v}" for v, n in sorted(report["summary"].items())))
-    for failure in report["failures"]:
-        print(f"FINDING ({failure['kind']}) {failure['clause']}: {failure['message']}")
+    rows = {row["id"]: row for row in report["clauses"]}
+    first = {failure["clause"]: failure for failure in reversed(report["failures"])}
+    print(f"report: {kept}")
+    for clause_id, failure in sorted(first.items()):
+        row = rows[clause_id]
+        print(f"FINDING {clause_id} [{row['level']}, {row['verdict']}] in {row['failures'] + row['warnings']} "
+              f"example(s): {failure['message']}")
+        for step in failure["minimal_sequence"] or ():
+            print(f"    {step}")
     for row in report["clauses"]:
         if row["verdict"] == "quirk":
             print(f"QUIRK {', '.join(row['quirks'])} on {row['id']} [{row['level']}]")

@@ -80,6 +80,19 @@ def test_certify_fails_a_buggy_parent_with_a_replay_file_that_reproduces(tmp_pat
     assert "no longer fails: all 2 steps passed" in fixed.stdout
 
 
+def test_certify_can_go_on_past_failures_and_each_one_replays(tmp_path: Path) -> None:
+    done = certify(tmp_path, BUGGY, "--json", "r.json", "--on-failure", "continue")
+    assert done.returncode == 1, done.stdout + done.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    row = next(c for c in report["clauses"] if c["id"] == RESET_CLEARS)
+    assert row["verdict"] == "fail" and row["failures"] == len(report["failures"]) > 1
+    assert {f["clause"] for f in report["failures"]} == {RESET_CLEARS}
+    first, *later = report["failures"]
+    assert first["replay_file"] and all(f["replay_file"] is None for f in later)  # one replay file per clause
+    again = vdpacert(tmp_path, "replay", first["replay_file"])
+    assert again.returncode == 1 and f"reproduced: {RESET_CLEARS} failed" in again.stdout, again.stdout
+
+
 def test_a_declared_quirk_is_reported_as_a_quirk_and_passes(tmp_path: Path) -> None:
     (tmp_path / "buggy.toml").write_text(f'''
 name = "buggy-blk"

@@ -22,7 +22,14 @@ from typing import Any
 
 import pytest
 from hypothesis import strategies as st
-from hypothesis.stateful import Bundle, RuleBasedStateMachine, VarReference, precondition, rule
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    VarReference,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 from vdpacert.conformance import suite
 from vdpacert.conformance.plugin import parse_shard, shard
@@ -320,3 +327,93 @@ def test_steps_with_drawn_data_replay_through_the_hypothesis_blob(tmp_path: Path
     assert again.blob == blob and not again.exact
     assert replay(again).reproduced
     assert not replay(again, target="sim-blk").failed
+
+
+# ----- going on past failures ---------------------------------------------------------------------------
+
+
+def clause_row(report: dict[str, Any], clause_id: str) -> dict[str, Any]:
+    return next(row for row in report["clauses"] if row["id"] == clause_id)
+
+
+def test_a_run_that_keeps_going_files_every_failing_example_and_still_fails(tmp_path: Path) -> None:
+    common = ("--vdpa-target", BUGGY, "--vdpa-seed", "3", "--vdpa-examples", "12", "-p", "no:xdist",
+              "-k", "bring_up")
+    stopped = run_pytest(tmp_path, *common, "--vdpa-report-dir", str(tmp_path / "stop"))
+    going = run_pytest(tmp_path, *common, "--vdpa-on-failure", "continue", "--vdpa-report-dir", str(tmp_path / "go"))
+    assert stopped.returncode == going.returncode == pytest.ExitCode.TESTS_FAILED, going.stdout + going.stderr
+    assert "going on past failures" in going.stdout and "going on past failures" not in stopped.stdout
+    first = json.loads((tmp_path / "stop" / "report.json").read_text())
+    later = json.loads((tmp_path / "go" / "report.json").read_text())
+    assert clause_row(first, "status.device.reset_clears")["failures"] == 1  # the machine stopped there
+    kept = clause_row(later, "status.device.reset_clears")
+    assert kept["verdict"] == "fail" and 1 < kept["failures"] <= 12  # at most one per example: it ends there
+    assert kept["examples"] >= kept["failures"]
+    # Each example's own steps, unshrunk, end at the reset that failed; one replay file per clause.
+    assert all(f["minimal_sequence"][-2:] == ["state.reset()", "state.teardown()"] or
+               f["minimal_sequence"][-1] == "state.reset()" for f in later["failures"])
+    assert len(list((tmp_path / "go" / "replays").glob("*"))) == 1
+    assert "sequence (as found, unshrunk):" in going.stdout
+    assert f"(failed in {kept['failures']} examples)" in going.stdout
+
+
+def test_a_run_that_keeps_going_passes_a_clean_target(tmp_path: Path) -> None:
+    done = run_pytest(tmp_path, "--vdpa-target", "sim-blk", "--vdpa-seed", "3", "--vdpa-examples", "6",
+                      "--vdpa-on-failure", "continue", "-p", "no:xdist", "--vdpa-report-dir", str(tmp_path / "r"))
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["summary"]["fail"] == 0 and report["failures"] == []
+    assert set(examples(report)) == {"suite.lockstep.status", "status.device.reset_clears", "suite.lockstep.config"}
+
+
+class Countdown(RuleBasedStateMachine):
+    """Fails clause ``suite.lockstep.status`` at its third step; crashes instead when told to."""
+
+    crash = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps = 0
+
+    @rule()
+    def step(self) -> None:
+        self.steps += 1
+        if self.steps == 3:
+            if self.crash:
+                raise KeyError("a bug of the machine itself")
+            raise ClauseViolation("suite.lockstep.status", "third step")
+
+
+def keep_going_run(crash: bool) -> tuple[list[tuple[str | None, int]], list[int]]:
+    from hypothesis import settings
+
+    from vdpacert.conformance.test_conformance import _keep_going
+
+    filed: list[tuple[str | None, int]] = []
+    finished: list[int] = []
+
+    def make() -> RuleBasedStateMachine:
+        machine = Countdown()
+        machine.crash = crash
+        log = StepLog()
+        log.attach(machine)
+        _keep_going(machine, log, lambda error, log: filed.append((clause_of(error), len(log.steps))))
+        teardown = machine.teardown
+        setattr(machine, "teardown", lambda: (finished.append(machine.steps), teardown()))  # noqa: B010
+        return machine
+
+    run_state_machine_as_test(make, settings=settings(max_examples=10, stateful_step_count=6, database=None,  # type: ignore[arg-type]
+                                                      derandomize=True))
+    return filed, finished
+
+
+def test_keep_going_files_a_clause_failure_and_idles_to_the_end_of_the_example() -> None:
+    filed, finished = keep_going_run(crash=False)
+    assert filed and all(entry == ("suite.lockstep.status", 3) for entry in filed)  # the steps up to the failure
+    assert all(steps <= 3 for steps in finished)  # no rule ran after the failure
+    assert len(filed) == sum(steps == 3 for steps in finished)
+
+
+def test_keep_going_lets_a_crash_through() -> None:
+    with pytest.raises(KeyError, match="a bug of the machine itself"):
+        keep_going_run(crash=True)

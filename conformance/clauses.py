@@ -27,6 +27,7 @@ from typing import Final
 
 from vdpacert.model import feature_bits, rules, sections
 from vdpacert.model import features as feature_rules
+from vdpacert.model.net import NET_RECEIVE_DEVICE
 from vdpacert.model.quirks import QUIRKS
 from vdpacert.model.spec import Citation, Level, LinuxSource
 from vdpacert.uapi import vhost_types as T  # noqa: N812
@@ -383,6 +384,9 @@ SUITE_CLAUSES: Final = (
     # virtio-net loopback traffic (the simulator's TX to RX loopback).
     _suite("net.loopback.no_loss", MUST, sections.NET_RECEIVE,
            "a well-formed frame sent while receive buffers are available is received", devices=NET),
+    _suite("net.rx.num_buffers", MUST, NET_RECEIVE_DEVICE,
+           "a received packet's header says in num_buffers how many buffers it spans: 1 without MRG_RXBUF",
+           devices=NET),
     _suite("net.loopback.no_duplicate", MUST, sections.NET_RECEIVE,
            "every transmitted frame is received at most once", devices=NET),
     _suite("net.loopback.order", MUST, _VDPA_SIM_NET,

@@ -105,6 +105,20 @@ _LEAVE_OUT: tuple[tuple[int, ...], ...] = (
 )
 
 
+RX_NUM_BUFFERS = "net.rx.num_buffers"
+#: Where virtio_net_hdr_v1 keeps num_buffers (the last of its six little-endian fields).
+_NUM_BUFFERS_AT = NET_HDR_LEN - 2
+
+
+def _num_buffers(data: bytes) -> int | None:
+    return int.from_bytes(data[_NUM_BUFFERS_AT:NET_HDR_LEN], "little") if len(data) >= NET_HDR_LEN else None
+
+
+def _without_num_buffers(data: bytes) -> bytes:
+    """A received buffer with its header's num_buffers blanked, to tell that field's error from others."""
+    return data[:_NUM_BUFFERS_AT] + data[NET_HDR_LEN:] if len(data) >= NET_HDR_LEN else data
+
+
 def _seq_of(frame: bytes) -> int | None:
     """The sequence number a suite frame carries (None if the bytes are too short to say)."""
     if len(frame) < ETH_HLEN + 4:
@@ -340,11 +354,17 @@ class NetDatapathMachine(DatapathMachine):
             return INTACT, f"{where} was used although no frame was due"
         expect = f"the model expects buffer {want.buffer_id} len {want.used_len} carrying seq {want.seq}"
         if seq == want.seq or seq is None:
+            if (got.id, got.length) == (want.buffer_id, want.used_len) and _without_num_buffers(got.data) \
+                    == _without_num_buffers(want.data) and got.data[:NET_HDR_LEN] != want.data[:NET_HDR_LEN]:
+                return RX_NUM_BUFFERS, (f"{where}: header num_buffers is {_num_buffers(got.data)}, the model "
+                                             f"says {_num_buffers(want.data)} ({expect})")
             if got.data[:NET_HDR_LEN] != want.data[:NET_HDR_LEN] or got.id != want.buffer_id \
                     or got.length != want.used_len:
                 return USED_RING, (f"{where} header {got.data[:NET_HDR_LEN].hex()}: {expect}, header "
                                    f"{want.data[:NET_HDR_LEN].hex()}")
             return INTACT, f"{where}: payload differs from what was sent ({expect})"
+        if seq > want.seq and seq not in book.delivered:  # the frame due here is missing, whatever came instead
+            return NO_LOSS, f"{where} carries seq {seq}: seq {want.seq} never arrived; {expect}"
         if seq in book.dropped:
             return book.dropped[seq], f"{where} carries seq {seq}, which the model drops; {expect}"
         if seq in book.delivered:
@@ -358,6 +378,8 @@ class NetDatapathMachine(DatapathMachine):
         for got in used:
             want = book.expected.popleft() if book.expected else None
             self.count(USED_RING)
+            if want is not None and len(got.data) >= NET_HDR_LEN:
+                self.count(RX_NUM_BUFFERS)  # the header the model built is compared whole, num_buffers included
             if want is None or (got.id, got.length, got.data) != (want.buffer_id, want.used_len, want.data):
                 clause, message = self._classify(book, got, want)
                 raise self.fail(clause, f"receiveq{pair + 1}: {message}")

@@ -866,6 +866,10 @@ class VhostVdpa:
         if not 0 <= index < self.nvqs:
             raise OSError(errno.EINVAL, f"virtqueue {index} does not exist ({self.nvqs} queues)")
         with self._lock:
+            # Checked again under the lock: a close() that ran while this call waited has released the
+            # parent, which another front may own by now (with its own lock): kicking it would run its
+            # datapath unserialized against that front's ioctls.
+            self._check_open()
             self.parent.kick_vq(index)
 
     def _kick_from_fd(self, fd: int, index: int) -> bool:

@@ -236,19 +236,24 @@ class DriverSession:
             os.close(fd)
 
     def close(self) -> None:
-        """Reset the device (so it lets go of the memory), free the rings, close our eventfds."""
+        """Reset the device (so it lets go of the memory), free the rings, close our eventfds.
+
+        A dead device (TargetDied from the reset) still gets everything of ours released, then
+        the death is passed on: it is a verdict the caller reports.
+        """
         try:
             if self.up:
                 self.client.set_status(0)
         except OSError:
             pass
-        self.up = False
-        for ring in self.rings.values():
-            ring.close()
-        self.rings.clear()
-        for fd in self._fds:
-            os.close(fd)
-        self._fds.clear()
+        finally:
+            self.up = False
+            for ring in self.rings.values():
+                ring.close()
+            self.rings.clear()
+            for fd in self._fds:
+                os.close(fd)
+            self._fds.clear()
 
     def __enter__(self) -> DriverSession:
         return self

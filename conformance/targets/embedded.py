@@ -19,6 +19,7 @@ import abc
 import errno
 from typing import TYPE_CHECKING
 
+from vdpacert.conformance.client import TargetDied
 from vdpacert.conformance.targets.base import Target
 from vdpacert.impl.bus import VdpaBus, default_bus
 from vdpacert.impl.guestmem import GuestMemory, default_registry
@@ -73,11 +74,25 @@ class FrontTarget(Target):
         VhostVdpa(self._front.parent, self._registry).close()
 
     def service(self) -> int:
-        """Drain the kick eventfds and kick those queues now (VhostVdpa.poll_kicks, no waiting)."""
+        """Drain the kick eventfds and kick those queues now (VhostVdpa.poll_kicks, no waiting).
+
+        A kick has no answer a driver could read (it is an eventfd write), so whatever goes wrong
+        while the device processes one is the device dying: :class:`TargetDied`, never the parent's
+        own exception, which would read as a crash of the suite. So is a front closed while the
+        client still holds it (the file went away under the driver).
+        """
         front = self._front
-        if front is None or front.closed:
+        if front is None:
             return 0
-        return front.poll_kicks(0)
+        if front.closed:
+            if self._client is not None and not self._client.closed:
+                raise TargetDied("kick processing", "the vhost-vdpa file was closed under the driver", errno.EBADF)
+            return 0
+        try:
+            return front.poll_kicks(0)
+        except Exception as error:  # the parent's kick_vq raised: nothing a live device does
+            raise TargetDied("kick processing", f"{type(error).__name__}: {error}",
+                             getattr(error, "errno", None)) from error
 
     def _make_memory(self, size: int, gpa: int) -> GuestMemory:
         memory = GuestMemory(size, gpa, register=False)

@@ -94,13 +94,20 @@ NETWORK_FAILURES = ("Temporary failure resolving", "Could not resolve", "Failed 
                     "Could not connect", "Network is unreachable", "Connection timed out")
 
 
+#: Longest a prepare step's host command may run (apt over a slow mirror, a module build on one core):
+#: a stuck tool (apt waiting on a lock, a hung mirror) becomes a PrepareError instead of a wedged CI job.
+TOOL_TIMEOUT = 1800.0
+
+
 def run_tool(argv: Sequence[str | Path], step: str, *, cwd: Path | None = None,
-             env: Mapping[str, str] | None = None) -> str:
-    """Run a host command to completion and return its stdout; failures become harness errors."""
+             env: Mapping[str, str] | None = None, timeout: float = TOOL_TIMEOUT) -> str:
+    """Run a host command to completion and return its stdout; failures (and ``timeout``) become harness errors."""
     command = [str(arg) for arg in argv]
     try:
         done = subprocess.run(command, cwd=cwd, env=dict(env) if env is not None else None, capture_output=True,
-                              text=True, errors="replace", check=False)
+                              text=True, errors="replace", check=False, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise PrepareError(step, f"`{' '.join(command)}` did not finish within {timeout:g} s (killed)") from None
     except FileNotFoundError as error:
         raise MissingPrerequisite(f"{command[0]} not found", f"install the package that provides it ({step})") \
             from error

@@ -42,6 +42,7 @@ from vdpacert.migration.state import (
     rewound_base,
     validate,
 )
+from vdpacert.migration.svq import SvqError
 from vdpacert.uapi import vhost_types as T  # noqa: N812
 from vdpacert.uapi.virtio_config import (
     VIRTIO_CONFIG_S_ACKNOWLEDGE,
@@ -129,10 +130,17 @@ def restore_device_state(ops: RestoreOps, state: DeviceState, *, kick_fds: Mappi
 
 
 def _step(step: str, action: Callable[[], object]) -> None:
+    """Run one step; the destination refusing it (an errno, or its VMM finding the state unusable) is a RestoreError.
+
+    ValueError / LookupError / SvqError are how the VMM layer refuses what it cannot apply (a ring outside guest
+    memory, a saved index the guest's ring contradicts); an AssertionError is a bug of ours and stays one.
+    """
     try:
         action()
     except OSError as error:
         raise RestoreError(step, error.errno, error.strerror or str(error)) from error
+    except (ValueError, LookupError, SvqError) as error:
+        raise RestoreError(step, None, f"{type(error).__name__}: {error}") from error
 
 
 class _Restore:

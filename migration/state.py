@@ -442,6 +442,10 @@ def _validate_net(state: DeviceState, acked: int, config: bytes) -> None:
                                             f"{'' if acked >> N.VIRTIO_NET_F_MQ & 1 else ' (MQ is not acked)'}")
     for name in ("promisc", "allmulti", "alluni", "nomulti", "nouni", "nobcast"):
         _bool(f"net.{name}", getattr(net, name))
+    cvq = control_queue(acked, config, state.device_id)
+    if cvq is not None and all(vring.index != cvq for vring in state.vrings):
+        # The restore replays the saved MAC / MQ / RX mode through it (§5.1.6.5).
+        raise StateError(f"vrings[{cvq}]", "CTRL_VQ is acked: the control queue must be saved")
 
 
 def _validate_fit(state: DeviceState, destination: DestinationInfo) -> None:

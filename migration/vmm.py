@@ -363,7 +363,9 @@ class Vmm:
         if ctrl is None:
             return
         shadow = self._vrings[ctrl].shadow
-        assert shadow is not None, "the control queue is always shadowed"
+        if shadow is None:  # shadowed whenever it is set up: the saved state never enabled it
+            raise ValueError(f"queue {ctrl}, the control queue, is not enabled: the saved MAC, queue pairs and "
+                             "RX mode cannot be replayed")
         commands: list[bytes] = []
         if net.mac != self._config_mac() and self.features >> N.VIRTIO_NET_F_CTRL_MAC_ADDR & 1:
             commands.append(bytes([N.VIRTIO_NET_CTRL_MAC, N.VIRTIO_NET_CTRL_MAC_ADDR_SET]) + net.mac)

@@ -12,10 +12,10 @@ import sys
 from collections.abc import Callable, Sequence
 
 from ._version import __version__
-from .commands import bench, certify, features, kernel, migrate, mutants, rules, soak, vdpa_bus
+from .commands import bench, certify, features, fuzz, kernel, migrate, mutants, rules, soak, vdpa_bus
 
 #: Modules contributing subcommands, in the order ``--help`` lists them.
-COMMAND_MODULES = (features, rules, vdpa_bus, bench, certify, mutants, migrate, soak, kernel)
+COMMAND_MODULES = (features, rules, vdpa_bus, bench, certify, mutants, migrate, soak, fuzz, kernel)
 
 Handler = Callable[[argparse.Namespace], int]
 

@@ -97,6 +97,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "ends that example and goes on with the next, so one bug does not hide the rest "
                          "(default: auto, continue on a vhost-vdpa: device, whose timing makes shrinking "
                          "unreliable, else shrink)")
+    group.addoption("--vdpa-deadline", type=float, default=1800.0, metavar="SECONDS",
+                    help="longest a suite machine may run; past it the target is reported as not answering "
+                         "(suite.target.alive) and the machine stops (default: 1800; 0: none)")
     group.addoption("--vdpa-suite", action="append", default=None, metavar="MODULE",
                     help="run the suite machines these modules register instead of the built-in suite (repeatable)")
 
@@ -184,6 +187,10 @@ class ConformanceRun:
             self.run_profile: RunProfile = profile
             self.target_profile: TargetProfile = target_profile(option.vdpa_target_profile, kind=parsed.kind)
             self.shard = None if option.vdpa_shard is None else parse_shard(option.vdpa_shard)
+            #: Seconds a machine may run before it is stopped as hung (0: no deadline).
+            self.deadline: float = float(getattr(option, "vdpa_deadline", 0.0) or 0.0)
+            if self.deadline < 0:
+                raise ValueError(f"--vdpa-deadline must not be negative, not {self.deadline}")
             on_failure = getattr(option, "vdpa_on_failure", "auto")
             #: File each failing check and go on with the next example (``--vdpa-on-failure continue``),
             #: instead of stopping the machine at its first failure to shrink it.

@@ -25,14 +25,22 @@ MUST failure was filed.
 
 An exception naming no clause is a crash of the machine (or of the suite), not a verdict: the
 test errors with it, so a broken check can never pass as a clean run.
+
+Every machine runs under a deadline (``--vdpa-deadline``): a target that stops answering inside a
+call no timeout covers (a parent blocked forever, an ioctl that never returns) is interrupted by
+SIGALRM, reported under ``suite.target.alive``, and the run goes on with the next machine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import signal
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from types import FrameType
 from typing import Any, cast
 
 import pytest
@@ -64,6 +72,45 @@ def _minimal_sequence(lines: list[str], log: StepLog | None) -> tuple[str, ...]:
 
 
 Filer = Callable[[BaseException, StepLog], None]
+#: The clause a machine that runs past its deadline fails: the target stopped answering.
+TARGET_ALIVE = "suite.target.alive"
+#: Seconds between further interrupts once the deadline passed (a teardown may block on the same device).
+DEADLINE_REPEAT = 10.0
+
+
+class MachineDeadline(BaseException):
+    """A machine ran past its deadline.
+
+    A BaseException, not an Exception: Hypothesis would take an Exception for a failing example and
+    run it again to report it, and a replay on a device that stopped answering hangs again.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"the machine did not finish within its {seconds:g} s deadline: the target stopped "
+                         "answering")
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float) -> Iterator[None]:
+    """Raise :class:`MachineDeadline` in this thread after ``seconds``, and every few seconds after that.
+
+    SIGALRM interrupts a blocked system call or lock wait, so even a call into a target that never
+    returns ends. Only the main thread receives signals: elsewhere (or with ``seconds`` 0) no deadline.
+    """
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum: int, frame: FrameType | None) -> None:
+        raise MachineDeadline(seconds)
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds, DEADLINE_REPEAT)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _keep_going(machine: RuleBasedStateMachine, log: StepLog, file: Filer) -> Callable[[], bool]:
@@ -227,9 +274,15 @@ def test_suite_machine(vdpa_run: ConformanceRun, vdpa_suite_entry: SuiteEntry, r
             failures.append(failure)
 
     try:
-        with with_reporter(keep):
+        with with_reporter(keep), _deadline(run.deadline):
             factory = _factory(run, entry, machine_cls, logs, file_and_go_on if run.keeps_going else None)
             run_state_machine_as_test(factory, settings=run.hypothesis_settings())
+    except MachineDeadline as hung:
+        log = logs[-1] if logs else None
+        sequence = tuple(step.text for step in log.steps) if log is not None else ()
+        if run.recorder.violation(TARGET_ALIVE, str(hung), run.target_profile, minimal_sequence=sequence):
+            failures.append("\n".join([f"{TARGET_ALIVE}: {hung}", "steps of the example that hung:",
+                                        *(f"  {step}" for step in sequence)]))
     except Exception as error:  # a clause failure (filed) or a crash (re-raised)
         failure = _file_failure(run, entry, error, lines, logs[-1] if logs else None)
         if failure is not None:

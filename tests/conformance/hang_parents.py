@@ -3,11 +3,15 @@
 Each is the reference virtio-net device with one failure a real device shows: firmware that takes
 kicks and never answers (``swallows_kicks``), a kick handler that raises while the control path
 lives on (``crashes_on_kick``), firmware gone (EIO) after its first kick (``dies_on_kick``), and an
-interrupt line that is not wired: buffers are used, the call eventfd never fires (``never_signals``).
+interrupt line that is not wired: buffers are used, the call eventfd never fires (``never_signals``), and
+firmware that never returns from a kick (``blocks_forever``: no timeout of the suite's covers it, the
+machine's deadline does).
 ``test_never_hangs`` certifies them and holds the suite to reporting each by clause, in bounded time.
 """
 
 from __future__ import annotations
+
+import threading
 
 from vdpacert.impl.parent import VdpaCallback
 from vdpacert.impl.sim_net import SimNet
@@ -52,6 +56,17 @@ class NeverSignals(SimNet):
 
     def signal_callback(self, cb: VdpaCallback) -> None:  # type: ignore[override]
         return None
+
+
+class BlocksForever(SimNet):
+    """A kick never returns: the firmware's doorbell handler waits on something that never happens."""
+
+    def kick_vq(self, index: int) -> None:
+        threading.Event().wait()
+
+
+def blocks_forever() -> BlocksForever:
+    return BlocksForever("blocks-forever")
 
 
 def swallows_kicks() -> SwallowsKicks:

@@ -33,12 +33,13 @@ HANG = 240
 FEATURES = 1 << VIRTIO_F_VERSION_1 | 1 << VIRTIO_F_ACCESS_PLATFORM
 
 
-def certify(tmp_path: Path, factory: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+def certify(tmp_path: Path, factory: str, *extra: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "HYPOTHESIS"))}
     env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
     env["VDPACERT_SETTLE"] = "0.2"  # a real device's settle time; embedded targets use their own
     done = subprocess.run([sys.executable, "-m", "vdpacert", "certify", "--target", f"python:hang_parents:{factory}",
-                           "--suite", "never_hangs_suite", "--seed", "3", "--examples", "3", "--json", "r.json"],
+                           "--suite", "never_hangs_suite", "--seed", "3", "--examples", "3", "--json", "r.json",
+                           *extra],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=HANG)
     assert (tmp_path / "r.json").exists(), done.stdout + done.stderr
     return done, json.loads((tmp_path / "r.json").read_text())
@@ -76,6 +77,15 @@ def test_a_device_that_never_signals_fails_the_notification_check(tmp_path: Path
     found = failures(report)
     assert all(c.startswith(("notify.", "suite.notify.")) for c in found), found
     assert any("notification was not sent" in m or "call eventfd" in m for m in found.values()), found
+
+
+def test_a_device_that_never_returns_from_a_call_is_stopped_at_the_deadline(tmp_path: Path) -> None:
+    done, report = certify(tmp_path, "blocks_forever", "--deadline", "3")
+    assert done.returncode == 1 and report["exit_status"] == 1, done.stdout + done.stderr
+    found = failures(report)
+    assert list(found) == ["suite.target.alive"], found
+    assert "did not finish within its 3 s deadline" in found["suite.target.alive"]
+    assert "Traceback" not in done.stderr
 
 
 # ----- the driver's waits, in process ----------------------------------------------------------------------

@@ -191,6 +191,7 @@ def test_options_reach_the_run_and_the_shard_selects_items(tmp_path: Path) -> No
     (["--vdpa-target", "sim-nic"], "unknown kind 'sim-nic'"),
     (["--vdpa-target-profile", "nope"], "no target profile 'nope'"),
     (["--vdpa-examples", "0"], "max_examples must be at least 1"),
+    (["--vdpa-deadline", "-1"], "--vdpa-deadline must not be negative"),
 ])
 def test_bad_options_are_usage_errors(tmp_path: Path, option: list[str], message: str) -> None:
     done = run_pytest(tmp_path, "--co", *option)

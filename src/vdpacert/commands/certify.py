@@ -65,6 +65,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--on-failure", choices=("auto", "shrink", "continue"), default="auto",
                         help="at a failing check: shrink it and stop that machine, or file it and go on with the "
                              "next example (default: auto, continue on a vhost-vdpa: device, else shrink)")
+    parser.add_argument("--deadline", type=float, default=1800.0, metavar="SECONDS",
+                        help="longest a suite machine may run before the target is reported as hung (default: "
+                             "1800; 0: none)")
     parser.add_argument("--db", metavar="DIR", help="Hypothesis example database directory (shareable)")
     parser.add_argument("--shard", metavar="I/N", help="run only slice I of N of the suite (CI machines)")
     parser.add_argument("--suite", action="append", metavar="MODULE",
@@ -95,7 +98,7 @@ def pytest_args(args: argparse.Namespace, report_dir: Path) -> list[str]:
         "--capture=sys", "-q", "-W", "ignore::pytest.PytestAssertRewriteWarning",
         "--vdpa-target", args.target, "--vdpa-profile", args.profile,
         "--vdpa-target-profile", args.target_profile, "--vdpa-report-dir", str(report_dir),
-        "--vdpa-on-failure", args.on_failure,
+        "--vdpa-on-failure", args.on_failure, "--vdpa-deadline", str(args.deadline),
     ]
     if args.seed is not None:
         argv += ["--vdpa-seed", str(args.seed)]

@@ -12,7 +12,7 @@ from vdpacert.impl.sim_net import SimNet
 #: Every kick's trace record, never freed.
 LEAKED: list[bytes] = []
 #: Bytes each kick leaks.
-RECORD = 32 << 10
+RECORD = 128 << 10
 
 
 class LeakyNet(SimNet):

@@ -87,6 +87,13 @@ def _queue_size(value: object) -> int:
     return number
 
 
+def _flag(value: object) -> bool:
+    """0 or 1 (vdpa_sim's ``batch_mapping`` is an int module parameter); a bool is taken as it is."""
+    if isinstance(value, bool):
+        return value
+    return bool(_ranged(0, 1)(value))
+
+
 def _features(value: object) -> int:
     number = _int(value)
     if number < 0:
@@ -104,6 +111,9 @@ ATTRIBUTES: Mapping[str, Callable[[object], Any]] = {
     "num_queues": _ranged(1, 0xFFFF),
     "features": _features,
     "disk": _disk_name,  # sim-blk: the name of a shared ramdisk ("the same LUN" for two devices)
+    # vdpa_sim's module parameters, per device here: 1 maps through set_map, 0 through dma_map / dma_unmap
+    "batch_mapping": _flag,
+    "max_iotlb_entries": _ranged(0, 0x7FFFFFFF),  # per address space; 0: no cap (an int module parameter)
 }
 
 

@@ -15,9 +15,14 @@ The points a reader of this module needs:
   set_group_asid, get_iova_range, get_backend_features, get_generation, compat_reset,
   set_map / dma_map / dma_unmap / reset_map, bind_mm / unbind_mm, and the vdpacert logging
   extension) are plain methods here that raise :class:`NotImplementedError`. An optional op
-  is *present* exactly when the parent's class overrides it (:func:`has_op`), the way Linux
-  tests an op pointer for NULL; the fronts then answer EOPNOTSUPP (or take the fallback
-  Linux takes) for an absent op, never calling it.
+  is *present* exactly when the parent's class overrides it and the instance does not withhold
+  it (:attr:`VdpaParent.withheld_ops`, :func:`has_op`), the way Linux tests an op pointer of the
+  device's own ``vdpa_config_ops`` table for NULL; the fronts then answer EOPNOTSUPP (or take
+  the fallback Linux takes) for an absent op, never calling it.
+- **Mapping** reaches a parent one way only (:func:`map_style`, the model's rule
+  ``vdpa_device.map_op``): ``dma_map`` / ``dma_unmap`` range by range, or ``set_map`` of a
+  whole address space. A class may implement both, as vdpa_sim does, as long as each instance
+  withholds one pair (vdpa_sim picks its ops table by its ``batch_mapping`` parameter).
 - **Errors** are ``OSError(errno, message)``. Ops Linux declares ``void`` (set_vq_num,
   set_vq_ready, set_status, set_config, set_vq_cb, set_config_cb, kick_vq) must not raise;
   a parent that does is non-conformant, and the front passes the error up rather than
@@ -38,7 +43,7 @@ import errno
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Union
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Union
 
 if TYPE_CHECKING:
     from vdpacert.impl.guestmem import MemoryRegistry
@@ -131,6 +136,11 @@ class VdpaParent(abc.ABC):
     nas: int = 1
     #: Parents address memory by user virtual address (``vdpa_device.use_va``); vdpacert parents always do.
     use_va: ClassVar[bool] = True
+    #: Optional ops this instance leaves out although its class implements them. Linux registers one
+    #: ``vdpa_config_ops`` table per device, so one driver may give its devices different ops (vdpa_sim:
+    #: set_map, or dma_map / dma_unmap, by its ``batch_mapping`` parameter); a class here implements the
+    #: union and each instance withholds the rest. Set it in ``__init__``: a front reads it when it binds.
+    withheld_ops: frozenset[str] = frozenset()
 
     # ----- virtqueue ops (mandatory) -------------------------------------------------------
 
@@ -345,12 +355,40 @@ OPTIONAL_OPS = frozenset({
 })
 
 
-def has_op(parent: VdpaParent, name: str) -> bool:
-    """Whether ``parent`` implements optional op ``name`` (Linux: the op pointer is not NULL)."""
+#: The ops of each way of mapping (vdpa.h: a parent provides one of them, or neither for the platform IOMMU).
+DMA_MAP_OPS = frozenset({"dma_map", "dma_unmap"})
+SET_MAP_OPS = frozenset({"set_map"})
+
+#: How mappings reach a parent; the same words as the model's ``VdpaDeviceSpec.map_op``.
+MapStyle = Literal["dma_map", "set_map", "platform"]
+
+
+def implements_op(cls: type[VdpaParent], name: str) -> bool:
+    """Whether class ``cls`` overrides optional op ``name`` (whatever an instance of it withholds)."""
     if name not in OPTIONAL_OPS:
         raise ValueError(f"{name!r} is not an optional vDPA config op")
-    own = getattr(type(parent), name, None)
+    own = getattr(cls, name, None)
     return own is not None and own is not getattr(VdpaParent, name)
+
+
+def has_op(parent: VdpaParent, name: str) -> bool:
+    """Whether ``parent`` has optional op ``name`` (Linux: the device's op pointer is not NULL): its class
+    implements it and the instance does not withhold it."""
+    return implements_op(type(parent), name) and name not in parent.withheld_ops
+
+
+def map_style(parent: VdpaParent) -> MapStyle:
+    """How a front hands mappings to ``parent``, in Linux's order (vhost_vdpa_map, vhost_vdpa_general_unmap):
+    dma_map / dma_unmap when the parent has them, else set_map, else the platform IOMMU.
+
+    One answer for every message, so a front never mixes two styles even for a parent that (against
+    ``vdpa_device.map_op``) exposes both: such a parent gets dma_map / dma_unmap only.
+    """
+    if has_op(parent, "dma_map"):
+        return "dma_map"
+    if has_op(parent, "set_map"):
+        return "set_map"
+    return "platform"
 
 
 def supports_logging(parent: VdpaParent) -> bool:
@@ -371,6 +409,9 @@ def check_parent(parent: VdpaParent) -> None:
         value = getattr(parent, name)
         if not isinstance(value, int) or value < (0 if name == "nvqs" else 1):
             raise ValueError(f"{type(parent).__name__}.{name} = {value!r} is not a valid count")
+    withheld = parent.withheld_ops
+    if not isinstance(withheld, frozenset) or not withheld <= OPTIONAL_OPS:
+        raise ValueError(f"{type(parent).__name__}.withheld_ops = {withheld!r} is not a frozenset of optional ops")
     if has_op(parent, "dma_map") != has_op(parent, "dma_unmap"):
         raise ValueError(f"{type(parent).__name__} implements only one of dma_map / dma_unmap")
     if not (has_op(parent, "set_map") or has_op(parent, "dma_map")):

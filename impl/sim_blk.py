@@ -18,7 +18,8 @@ size - 2, what Linux's driver can always fit), blk_size 512, num_queues, the dis
 write-zeroes limits, write_zeroes_may_unmap 1. Read-only to the driver (CONFIG_WCE is not offered).
 
 Management device ``sim-blk`` (:data:`MGMTDEV`, loaded by :mod:`vdpacert.impl.bus`): attributes
-``capacity``, ``num_queues``, ``queue_size``, ``features``, ``disk``; :func:`create` is its factory.
+``capacity``, ``num_queues``, ``queue_size``, ``features``, ``disk``, and vdpa_sim's ``batch_mapping``
+and ``max_iotlb_entries`` (as sim-net's); :func:`create` is its factory.
 
 Shared storage: devices created with the same ``disk`` name share one ramdisk, as two hosts see the
 same LUN of a SAN. That is what a migration needs (the disk is not part of the device's state: the
@@ -33,7 +34,7 @@ import weakref
 
 from vdpacert.impl.blk_datapath import BlkBackend, Ramdisk
 from vdpacert.impl.bus import MgmtDev
-from vdpacert.impl.sim_device import TRANSPORT_FEATURES, SimDevice, feature_word
+from vdpacert.impl.sim_device import TRANSPORT_FEATURES, SimDevice, feature_word, iotlb_cap
 from vdpacert.uapi import virtio_blk as B  # noqa: N812 - read like the C names: B.VIRTIO_BLK_F_FLUSH
 from vdpacert.uapi.virtio_ids import VIRTIO_ID_BLOCK
 
@@ -82,7 +83,8 @@ class SimBlk(SimDevice):
 
     ``features`` replaces the default offer (a subset of :data:`SUPPORTED_FEATURES`; RO makes the
     disk read-only, as does ``read_only=True``). ``serial`` is the GET_ID answer (at most 20 bytes;
-    default derived from the name). ValueError for any attribute the device cannot honour.
+    default derived from the name). ``batch_mapping`` and ``max_iotlb_entries`` are :class:`SimDevice`'s
+    (None: its default). ValueError for any attribute the device cannot honour.
     """
 
     def __init__(self, name: str = "sim-blk", *, capacity: int = DEFAULT_CAPACITY, num_queues: int = 1,
@@ -90,7 +92,7 @@ class SimBlk(SimDevice):
                  serial: bytes | None = None, size_max: int = DEFAULT_SIZE_MAX,
                  max_discard_sectors: int = _U32_MAX, max_discard_seg: int = DEFAULT_DWZ_SEGS,
                  max_write_zeroes_sectors: int = _U32_MAX, max_write_zeroes_seg: int = DEFAULT_DWZ_SEGS,
-                 disk: str = "") -> None:
+                 disk: str = "", batch_mapping: bool | None = None, max_iotlb_entries: int | None = None) -> None:
         if not 1 <= num_queues <= MAX_QUEUES:
             raise ValueError(f"num_queues {num_queues} is not in [1, {MAX_QUEUES}]")
         if features is None:
@@ -115,7 +117,7 @@ class SimBlk(SimDevice):
                             max_discard_seg=max_discard_seg, max_write_zeroes_sectors=max_write_zeroes_sectors,
                             max_write_zeroes_seg=max_write_zeroes_seg)
         super().__init__(name, device_id=VIRTIO_ID_BLOCK, offered=offered, config=config, nvqs=num_queues,
-                         queue_size=queue_size)
+                         queue_size=queue_size, batch_mapping=batch_mapping, **iotlb_cap(max_iotlb_entries))
 
     @property
     def capacity(self) -> int:
@@ -147,17 +149,19 @@ def shared_disk(name: str, capacity: int) -> Ramdisk:
 
 
 def create(name: str, *, capacity: int = DEFAULT_CAPACITY, num_queues: int = 1,
-           queue_size: int = DEFAULT_QUEUE_SIZE, features: int | None = None, disk: str = "") -> SimBlk:
+           queue_size: int = DEFAULT_QUEUE_SIZE, features: int | None = None, disk: str = "",
+           batch_mapping: bool | None = None, max_iotlb_entries: int | None = None) -> SimBlk:
     """The management device's factory: ``vdpa dev add name NAME mgmtdev sim-blk [attr value ...]``."""
     return SimBlk(name, capacity=capacity, num_queues=num_queues, queue_size=queue_size, features=features,
-                  disk=disk)
+                  disk=disk, batch_mapping=batch_mapping, max_iotlb_entries=max_iotlb_entries)
 
 
 #: The ``sim-blk`` management device (registered on the bus by :func:`vdpacert.impl.bus.load_mgmtdevs`).
 MGMTDEV = MgmtDev(
     name="sim-blk",
     factory=create,
-    supported_attrs=frozenset({"capacity", "num_queues", "queue_size", "features", "disk"}),
+    supported_attrs=frozenset({"capacity", "num_queues", "queue_size", "features", "disk", "batch_mapping",
+                               "max_iotlb_entries"}),
     device_class="block",
     max_supported_vqs=MAX_QUEUES,
     supported_features=SUPPORTED_FEATURES,

@@ -38,12 +38,20 @@ the spec instead:
   dirty-log bitmap and its eventfd (logging itself stops, since VHOST_F_LOG_ALL is renegotiated).
 
 Memory: each queue translates through the :class:`~vdpacert.impl.iotlb.Iotlb` of the address
-space its group is in (``set_group_asid``), kept by the device as a private copy (``set_map``
-copies; ``dma_map`` / ``dma_unmap`` edit it), and resolves user addresses in the
-:class:`~vdpacert.impl.guestmem.MemoryRegistry` given to ``bind_mm`` (the process-wide registry
-until then). Dirty logging (``set_log_base`` / ``set_log_fd`` / ``set_vq_log``) is offered with
+space its group is in (``set_group_asid``), kept by the device as a private copy, and resolves
+user addresses in the :class:`~vdpacert.impl.guestmem.MemoryRegistry` given to ``bind_mm`` (the
+process-wide registry until then). Dirty logging (``set_log_base`` / ``set_log_fd`` / ``set_vq_log``) is offered with
 VHOST_F_LOG_ALL and runs while that bit is negotiated and a bitmap is set; one
 :class:`~vdpacert.impl.dirty_log.DirtyLog` is shared by all queues.
+
+Mappings arrive one way per device, as vdpa.h asks of a parent (the model's ``vdpa_device.map_op``):
+like vdpa_sim, which registers either its batch ops table (``set_map``) or its plain one
+(``dma_map`` / ``dma_unmap``) by its ``batch_mapping`` module parameter, each device takes
+``batch_mapping`` at construction (default: set_map, vdpa_sim's default) and withholds the other
+ops (:attr:`~vdpacert.impl.parent.VdpaParent.withheld_ops`), so a front never sees them and a
+direct call of one is OSError(EOPNOTSUPP). ``set_map`` replaces the private copy whole (all or
+nothing); ``dma_map`` / ``dma_unmap`` edit it. A front offering both to one device would mix
+them: a ``set_map`` after an invalidation hands back every entry a clean-map reset had dropped.
 
 Writing a device on this base (sim-net is the second one):
 
@@ -72,14 +80,16 @@ import errno
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 from vdpacert.impl.dirty_log import DirtyLog
 from vdpacert.impl.features import offer_problems, refusal_reason
 from vdpacert.impl.guestmem import MemoryRegistry, default_registry
 from vdpacert.impl.iotlb import Iotlb
 from vdpacert.impl.parent import (
+    DMA_MAP_OPS,
     NO_CALLBACK,
+    SET_MAP_OPS,
     VDPA_RESET_F_CLEAN_MAP,
     FaultCallback,
     VdpaCallback,
@@ -87,6 +97,7 @@ from vdpacert.impl.parent import (
     VqState,
     VqStatePacked,
     VqStateSplit,
+    implements_op,
 )
 from vdpacert.impl.virtqueue import BAD_UNMAPPED, STATUS_NAMES, VirtQueue, VirtQueueError
 from vdpacert.uapi.vhost_types import VHOST_BACKEND_F_ENABLE_AFTER_DRIVER_OK, VHOST_F_LOG_ALL
@@ -107,6 +118,21 @@ VIRTQUEUE_MAX_SIZE = 32768
 SIM_VQ_ALIGN = 4096
 #: Default cap on the entries of one address space (vdpa_sim's max_iotlb_entries default).
 DEFAULT_MAX_IOTLB_ENTRIES = 2048
+
+
+class IotlbCap(TypedDict, total=False):
+    """The keyword :func:`iotlb_cap` gives (typed, so ``**`` of it checks against SimDevice's signature)."""
+
+    max_iotlb_entries: int
+
+
+def iotlb_cap(max_iotlb_entries: int | None) -> IotlbCap:
+    """``max_iotlb_entries`` as a keyword for SimDevice, or nothing for its default.
+
+    A device type passes the cap on only when one was given, so a class placed between it and
+    SimDevice in the method resolution order can still supply one (the fuzzers' ``with_iotlb_limit``).
+    """
+    return IotlbCap() if max_iotlb_entries is None else IotlbCap(max_iotlb_entries=max_iotlb_entries)
 
 
 def feature_word(*bits: int) -> int:
@@ -145,13 +171,22 @@ class SimDevice(VdpaParent):
     """A software vDPA device: every config op, with ``process(index)`` left to the device type.
 
     ``vq_groups[i]`` is the group of queue ``i`` (default: all in group 0); ``queue_size`` is the
-    largest queue size the device takes (get_vq_num_max). ValueError for an inconsistent shape or
-    an offer that breaks the spec (no VERSION_1, a feature offered without one it requires).
+    largest queue size the device takes (get_vq_num_max); ``max_iotlb_entries`` caps each address
+    space (0: no cap, as vdpa_sim's parameter of that name). ``batch_mapping`` picks how mappings
+    arrive (vdpa_sim's parameter): True ``set_map``, False ``dma_map`` / ``dma_unmap``, None the
+    default, set_map, unless the class has no set_map (a subclass that dropped it keeps dma_map).
+    ValueError for an inconsistent shape, a mapping style the class does not implement, or an offer
+    that breaks the spec (no VERSION_1, a feature offered without one it requires).
     """
 
     def __init__(self, name: str, *, device_id: int, offered: int, config: bytes, nvqs: int, ngroups: int = 1,
                  nas: int = 1, vq_groups: Sequence[int] | None = None, queue_size: int = 256, vendor_id: int = 0,
-                 max_iotlb_entries: int = DEFAULT_MAX_IOTLB_ENTRIES) -> None:
+                 max_iotlb_entries: int = DEFAULT_MAX_IOTLB_ENTRIES, batch_mapping: bool | None = None) -> None:
+        if max_iotlb_entries < 0:
+            raise ValueError(f"max_iotlb_entries {max_iotlb_entries} is negative (0 means no cap)")
+        #: True: mappings arrive through set_map; False: through dma_map / dma_unmap (never both).
+        self.batch_mapping = self._choose_batch_mapping(batch_mapping)
+        self.withheld_ops = DMA_MAP_OPS if self.batch_mapping else SET_MAP_OPS
         if nvqs < 1 or ngroups < 1 or nas < 1:
             raise ValueError(f"a device needs at least one queue, group and address space ({nvqs}, {ngroups}, {nas})")
         groups = list(vq_groups) if vq_groups is not None else [0] * nvqs
@@ -185,6 +220,17 @@ class SimDevice(VdpaParent):
         #: Why the device last refused something or set DEVICE_NEEDS_RESET (for reports).
         self.last_error = ""
         self._reset_state(clean_map=False)
+
+    @classmethod
+    def _choose_batch_mapping(cls, batch_mapping: bool | None) -> bool:
+        has_set_map = implements_op(cls, "set_map")
+        has_dma_map = implements_op(cls, "dma_map") and implements_op(cls, "dma_unmap")
+        chosen = has_set_map if batch_mapping is None else bool(batch_mapping)
+        if chosen and not has_set_map:
+            raise ValueError(f"batch_mapping=1 needs set_map, which {cls.__name__} does not implement")
+        if not chosen and not has_dma_map:
+            raise ValueError(f"batch_mapping=0 needs dma_map and dma_unmap, which {cls.__name__} does not implement")
+        return chosen
 
     # ----- the device type's part ------------------------------------------------------------
 
@@ -610,7 +656,15 @@ class SimDevice(VdpaParent):
         self._group_asid[group] = asid
         self._rebind_iotlbs()
 
+    def _require_map_op(self, name: str) -> None:
+        """Refuse an op of the mapping style this device withholds, as the model's vdpa_device.map_op does."""
+        if name in self.withheld_ops:
+            chosen = "set_map" if self.batch_mapping else "dma_map / dma_unmap"
+            raise OSError(errno.EOPNOTSUPP, f"{self.name} maps through {chosen} (batch_mapping="
+                                            f"{int(self.batch_mapping)}); {name} is not one of its ops")
+
     def set_map(self, asid: int, iotlb: Iotlb) -> None:
+        self._require_map_op("set_map")
         self._check_asid(asid)
         private = Iotlb(self.max_iotlb_entries)
         for start, last, uaddr, perm in iotlb.entries():  # all or nothing: the old map stays on error
@@ -619,10 +673,12 @@ class SimDevice(VdpaParent):
         self._rebind_iotlbs()
 
     def dma_map(self, asid: int, iova: int, size: int, uaddr: int, perm: int) -> None:
+        self._require_map_op("dma_map")
         self._check_asid(asid)
         self._as[asid].update(iova, size, uaddr, perm)
 
     def dma_unmap(self, asid: int, iova: int, size: int) -> None:
+        self._require_map_op("dma_unmap")
         self._check_asid(asid)
         if size and iova <= _U64_MAX - (size - 1):
             self._as[asid].del_range(iova, iova + size - 1)

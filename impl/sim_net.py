@@ -34,7 +34,9 @@ offer with a subset of :data:`SUPPORTED_FEATURES` (which must still pass the spe
 check: no feature without one it needs).
 
 Management device ``sim-net`` (:data:`MGMTDEV`, loaded by :mod:`vdpacert.impl.bus`): attributes
-``mac``, ``mtu``, ``max_vq_pairs``, ``queue_size``, ``features``; :func:`create` is its factory.
+``mac``, ``mtu``, ``max_vq_pairs``, ``queue_size``, ``features``, and vdpa_sim's module parameters
+``batch_mapping`` (1, the default: mappings arrive by set_map; 0: by dma_map / dma_unmap) and
+``max_iotlb_entries`` (per address space, 2048 by default, 0 for no cap); :func:`create` is its factory.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ import struct
 from vdpacert.impl.bus import MgmtDev
 from vdpacert.impl.net_ctrl import NetCtrlState, process_ctrl_queue
 from vdpacert.impl.net_datapath import NetLoopback
-from vdpacert.impl.sim_device import TRANSPORT_FEATURES, SimDevice, feature_word
+from vdpacert.impl.sim_device import TRANSPORT_FEATURES, SimDevice, feature_word, iotlb_cap
 from vdpacert.impl.virtqueue import VirtQueueError
 from vdpacert.uapi import virtio_net as N  # noqa: N812 - read like the C names: N.VIRTIO_NET_F_MQ
 from vdpacert.uapi.virtio_ids import VIRTIO_ID_NET
@@ -109,11 +111,13 @@ class SimNet(SimDevice):
     """A loopback virtio-net device (see the module docstring).
 
     ``mac`` defaults to :func:`default_mac` of the name; ``features`` replaces the default offer
-    (a subset of :data:`SUPPORTED_FEATURES`). ValueError for any attribute the device cannot honour.
+    (a subset of :data:`SUPPORTED_FEATURES`); ``batch_mapping`` and ``max_iotlb_entries`` are
+    :class:`SimDevice`'s (None: its default). ValueError for any attribute the device cannot honour.
     """
 
     def __init__(self, name: str = "sim-net", *, mac: bytes | None = None, mtu: int = DEFAULT_MTU,
-                 max_vq_pairs: int = 1, queue_size: int = DEFAULT_QUEUE_SIZE, features: int | None = None) -> None:
+                 max_vq_pairs: int = 1, queue_size: int = DEFAULT_QUEUE_SIZE, features: int | None = None,
+                 batch_mapping: bool | None = None, max_iotlb_entries: int | None = None) -> None:
         if not 1 <= max_vq_pairs <= MAX_VQ_PAIRS:
             raise ValueError(f"max_vq_pairs {max_vq_pairs} is not in [1, {MAX_VQ_PAIRS}]")
         if not 68 <= mtu <= 65535:
@@ -139,7 +143,8 @@ class SimNet(SimDevice):
         nvqs = 2 * max_vq_pairs + 1
         config = net_config(mac=mac, max_virtqueue_pairs=max_vq_pairs, mtu=mtu)
         super().__init__(name, device_id=VIRTIO_ID_NET, offered=offered, config=config, nvqs=nvqs,
-                         ngroups=NGROUPS, nas=NAS, vq_groups=self._groups_for(0, nvqs), queue_size=queue_size)
+                         ngroups=NGROUPS, nas=NAS, vq_groups=self._groups_for(0, nvqs), queue_size=queue_size,
+                         batch_mapping=batch_mapping, **iotlb_cap(max_iotlb_entries))
 
     # ----- queue layout, as the driver's features make it ------------------------------------------
 
@@ -274,16 +279,19 @@ class SimNet(SimDevice):
 
 
 def create(name: str, *, mac: bytes | None = None, mtu: int = DEFAULT_MTU, max_vq_pairs: int = 1,
-           queue_size: int = DEFAULT_QUEUE_SIZE, features: int | None = None) -> SimNet:
+           queue_size: int = DEFAULT_QUEUE_SIZE, features: int | None = None, batch_mapping: bool | None = None,
+           max_iotlb_entries: int | None = None) -> SimNet:
     """The management device's factory: ``vdpa dev add name NAME mgmtdev sim-net [attr value ...]``."""
-    return SimNet(name, mac=mac, mtu=mtu, max_vq_pairs=max_vq_pairs, queue_size=queue_size, features=features)
+    return SimNet(name, mac=mac, mtu=mtu, max_vq_pairs=max_vq_pairs, queue_size=queue_size, features=features,
+                  batch_mapping=batch_mapping, max_iotlb_entries=max_iotlb_entries)
 
 
 #: The ``sim-net`` management device (registered on the bus by :func:`vdpacert.impl.bus.load_mgmtdevs`).
 MGMTDEV = MgmtDev(
     name="sim-net",
     factory=create,
-    supported_attrs=frozenset({"mac", "mtu", "max_vq_pairs", "queue_size", "features"}),
+    supported_attrs=frozenset({"mac", "mtu", "max_vq_pairs", "queue_size", "features", "batch_mapping",
+                               "max_iotlb_entries"}),
     device_class="net",
     max_supported_vqs=2 * MAX_VQ_PAIRS + 1,
     supported_features=SUPPORTED_FEATURES,

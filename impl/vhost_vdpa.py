@@ -17,6 +17,12 @@ Two ways in, one implementation:
 - named methods (``set_vring_num(index, num)``, ``get_vring_base(index)``, ...) that pack, call
   :meth:`ioctl` and unpack, so both paths are the same code.
 
+Mappings reach the parent one way, chosen once at open in Linux's order (:func:`~vdpacert.impl.parent.map_style`):
+``dma_map`` / ``dma_unmap`` per range when the parent has them; else ``set_map`` of the whole
+address space after each UPDATE and INVALIDATE outside a batch and once at BATCH_END; else the
+platform IOMMU (which vdpacert does not have: such a parent is refused at open). The front keeps
+its own record of every address space either way, across resets, as vhost-vdpa does.
+
 vdpacert extensions, each kept to what Linux's vhost core would do for a device that could:
 SET_LOG_BASE / SET_LOG_FD work when the parent implements the logging ops and offers
 VHOST_F_LOG_ALL (Linux's vhost-vdpa always answers ENOTTY), and faults a parent reports are
@@ -44,12 +50,14 @@ from vdpacert.impl.iotlb import Iotlb
 from vdpacert.impl.parent import (
     NO_CALLBACK,
     VDPA_RESET_F_CLEAN_MAP,
+    MapStyle,
     VdpaCallback,
     VdpaParent,
     VqStatePacked,
     VqStateSplit,
     bind_parent,
     has_op,
+    map_style,
     supports_logging,
     unbind_parent,
 )
@@ -152,6 +160,8 @@ class VhostVdpa:
     def __init__(self, parent: VdpaParent, registry: MemoryRegistry | None = None) -> None:
         self._binding = bind_parent(parent, "vhost_vdpa")
         self.parent = parent
+        #: How mappings reach the parent, for every message of this open (Linux's precedence).
+        self.map_style: MapStyle = map_style(parent)
         self._lock = self._binding.lock
         self._registry = registry if registry is not None else default_registry()
         self._closed = False
@@ -477,7 +487,7 @@ class VhostVdpa:
 
     def _has_persistent_map(self) -> bool:
         parent = self.parent
-        return ((not has_op(parent, "set_map") and not has_op(parent, "dma_map")) or has_op(parent, "reset_map")
+        return (self.map_style == "platform" or has_op(parent, "reset_map")
                 or bool(self._parent_backend_features() & (1 << T.VHOST_BACKEND_F_IOTLB_PERSIST)))
 
     def _get_backend_features(self, buf: bytearray | None) -> None:
@@ -758,7 +768,7 @@ class VhostVdpa:
             self._batch_asid = asid
             self._in_batch = True
         elif msg_type == T.VHOST_IOTLB_BATCH_END:
-            if self._in_batch and has_op(self.parent, "set_map"):
+            if self._in_batch and self.map_style == "set_map":
                 self._set_map_ignoring_errors(asid, iotlb)
             self._in_batch = False
         else:
@@ -795,9 +805,9 @@ class VhostVdpa:
         self._check_user_range(uaddr, size)
         iotlb.update(iova, size, uaddr, perm)
         try:
-            if has_op(self.parent, "dma_map"):
+            if self.map_style == "dma_map":
                 self.parent.dma_map(asid, iova, size, uaddr, perm)
-            elif not self._in_batch:
+            elif self.map_style == "set_map" and not self._in_batch:
                 self.parent.set_map(asid, iotlb.copy())
         except BaseException:
             iotlb.del_range(iova, last)
@@ -814,11 +824,11 @@ class VhostVdpa:
         for start, end, _, _ in iotlb.entries():
             if start <= last and end >= iova:
                 self._unmap_entry(iotlb, asid, start, end)
-        if has_op(self.parent, "set_map") and not self._in_batch:
+        if self.map_style == "set_map" and not self._in_batch:
             self._set_map_ignoring_errors(asid, iotlb)
 
     def _unmap_entry(self, iotlb: Iotlb, asid: int, start: int, end: int) -> None:
-        if has_op(self.parent, "dma_map"):
+        if self.map_style == "dma_map":
             try:
                 self.parent.dma_unmap(asid, start, end - start + 1)
             except (OSError, NotImplementedError) as error:

@@ -1,6 +1,7 @@
 """Seeded memory-translation bugs: a device that reaches guest memory userspace never gave it, or kept.
 
-sim-blk and sim-net take their maps op by op (``dma_map`` / ``dma_unmap``) and keep a private
+sim-blk and sim-net take their maps whole (``set_map``, the default) or op by op (``dma_map`` / ``dma_unmap``,
+with ``batch_mapping=0``) and keep a private
 :class:`~vdpacert.impl.iotlb.Iotlb` per address space; each mutant gets one step of that wrong.
 """
 
@@ -39,6 +40,12 @@ class PermIgnored(SimBlk):
 
     def dma_map(self, asid: int, iova: int, size: int, uaddr: int, perm: int) -> None:
         super().dma_map(asid, iova, size, uaddr, ACCESS_RW)
+
+    def set_map(self, asid: int, iotlb: Iotlb) -> None:  # the default style (batch_mapping), same bug
+        widened = Iotlb()
+        for start, last, uaddr, _ in iotlb.entries():
+            widened.update(start, last - start + 1, uaddr, ACCESS_RW)
+        super().set_map(asid, widened)
 
 
 def _carve(iotlb: Iotlb, first: int, last: int) -> None:

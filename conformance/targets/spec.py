@@ -29,8 +29,10 @@ AttrValue = Union[int, str]  # noqa: UP007 - a runtime alias on Python 3.10
 
 #: Which attributes each reference device takes (its management device's supported_attrs).
 SIM_ATTRS: dict[str, frozenset[str]] = {
-    "sim-net": frozenset({"mac", "mtu", "max_vq_pairs", "queue_size", "features"}),
-    "sim-blk": frozenset({"capacity", "num_queues", "queue_size", "features", "disk"}),
+    "sim-net": frozenset({"mac", "mtu", "max_vq_pairs", "queue_size", "features", "batch_mapping",
+                          "max_iotlb_entries"}),
+    "sim-blk": frozenset({"capacity", "num_queues", "queue_size", "features", "disk", "batch_mapping",
+                          "max_iotlb_entries"}),
 }
 _ALIASES = {"mq": "max_vq_pairs"}
 _MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
@@ -38,7 +40,8 @@ _DISK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _RANGES = {"mtu": (68, 65535), "max_vq_pairs": (1, 0x8000), "queue_size": (1, 32768),
-           "capacity": (0, (1 << 64) - 1), "num_queues": (1, 0xFFFF)}
+           "capacity": (0, (1 << 64) - 1), "num_queues": (1, 0xFFFF), "batch_mapping": (0, 1),
+           "max_iotlb_entries": (0, 0x7FFFFFFF)}
 
 
 @dataclass(frozen=True)

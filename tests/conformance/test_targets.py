@@ -73,8 +73,9 @@ def test_good_target_strings(text: str, spec: TargetSpec, canonical: str) -> Non
     ("sim-net:mac=01:00:00:00:00:01", "multicast"),
     ("sim-net:mac=02-00-00-00-00-01", "is not like"),
     ("sim-net:features=0xzz", "not a hex bit mask"),
-    ("sim-net:capacity=8", "sim-net has no attribute 'capacity'; it takes features, mac, max_vq_pairs"),
-    ("sim-blk:mtu=9000", "sim-blk has no attribute 'mtu'; it takes capacity, disk, features, num_queues, queue_size"),
+    ("sim-net:capacity=8", "sim-net has no attribute 'capacity'; it takes batch_mapping, features, mac"),
+    ("sim-blk:mtu=9000", "sim-blk has no attribute 'mtu'; it takes batch_mapping, capacity, disk, features, "
+                         "max_iotlb_entries, num_queues, queue_size"),
     ("sim-blk:mq=2", "sim-blk has no attribute 'mq'"),
     ("python:acme", "'' is not a factory name"),
     ("python::make", "'' is not a module name"),

@@ -348,7 +348,7 @@ def test_set_map_keeps_a_private_copy_all_or_nothing(guest: Guest) -> None:
 
 
 def test_dma_map_unmap_and_reset_map(guest: Guest) -> None:
-    dev = EchoDevice()
+    dev = EchoDevice(batch_mapping=False)
     dev.dma_map(0, 0x1000, 0x2000, guest.mem.uaddr, ACCESS_RW)
     dev.dma_map(0, 0x8000, 0x1000, guest.mem.uaddr, ACCESS_RW)
     with pytest.raises(OSError) as overlap:

@@ -681,7 +681,8 @@ def test_sim_net_management_device() -> None:
     assert "sim-net" in load_mgmtdevs(bus)
     shown = bus.mgmtdev_show("sim-net")[0]
     assert shown["supported_classes"] == ["net"] and shown["dev_features"] == SUPPORTED_FEATURES
-    assert shown["supported_attrs"] == ["features", "mac", "max_vq_pairs", "mtu", "queue_size"]
+    assert shown["supported_attrs"] == ["batch_mapping", "features", "mac", "max_iotlb_entries", "max_vq_pairs", "mtu",
+                                        "queue_size"]
     device = bus.dev_add("net7", "sim-net", mac="02:11:22:33:44:55", mtu=9000, max_vq_pairs=4, queue_size=64)
     assert isinstance(device.parent, SimNet) and device.parent.nvqs == 9
     config = bus.dev_config_show("net7")

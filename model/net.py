@@ -16,7 +16,11 @@ How binding an answer is: an ack of OK for a command whose feature was negotiate
 payload is well formed is MUST (the device must support it). An ERR for a command the driver
 was not allowed to send (feature not negotiated, short or long payload, out-of-range value,
 unknown class or command) is the reference device's answer where the spec binds only the
-driver; it is graded SHOULD, and the broken driver rule is listed with the decision.
+driver; it is graded SHOULD, and the broken driver rule is listed with the decision. Such a
+command changes nothing in the model, except where the spec leaves its effect open: after a
+MAC_ADDR_SET the driver malformed, the device's mac is whatever it reports next
+(``NetDeviceState.mac_determinate``, :class:`Unbound`); a well-formed one still sets exactly
+the address it carries (MUST).
 
 Every rule is a named constant or a table row: the config rules (``CONFIG_*``), the transmit
 and receive decisions (``TX_*``, ``RX_*``) and the driver's transmit duties (``DRIVER_TX_*``),
@@ -60,6 +64,7 @@ __all__ = [
     "RxCompletion",
     "RxDrop",
     "TxOutcome",
+    "Unbound",
     "VqRole",
     "apply_ctrl",
     "complete_checksum",
@@ -172,7 +177,12 @@ class NetDeviceState:
     """What a virtio-net device remembers: config values and what the control queue set.
 
     ``permanent_mac`` is the address the device was created with; ``mac`` is the current
-    default address (VIRTIO_NET_CTRL_MAC_ADDR_SET changes it). ``curr_queue_pairs`` starts at
+    default address (VIRTIO_NET_CTRL_MAC_ADDR_SET changes it). ``mac_determinate`` False means
+    the spec no longer binds the device's mac: a MAC_ADDR_SET the driver malformed (wrong length,
+    or sent without CTRL_MAC_ADDR) may have left any address there (a device may copy part of the
+    data, as Linux's vdpa_sim does), so whatever the device reports next is the mac
+    (:meth:`with_mac_seen`); ``mac`` then keeps the address before that command, which a device
+    that changes nothing still shows. ``curr_queue_pairs`` starts at
     1: multiqueue is off until the driver enables it (§5.1.6.5.5). The RX mode flags mirror
     the VIRTIO_NET_CTRL_RX commands; the spec fixes no reset value for them, and the model
     starts with all of them off.
@@ -195,6 +205,7 @@ class NetDeviceState:
     mac_table_uni: tuple[bytes, ...] = ()
     mac_table_multi: tuple[bytes, ...] = ()
     vlans: frozenset[int] = field(default_factory=frozenset)
+    mac_determinate: bool = True
 
     def __post_init__(self) -> None:
         if len(self.permanent_mac) != MAC_LEN:
@@ -214,6 +225,20 @@ class NetDeviceState:
     def current_mac(self) -> bytes:
         assert self.mac is not None  # filled in by __post_init__
         return self.mac
+
+    def mac_allows(self, seen: bytes) -> bool:
+        """Whether a device in this state may report ``seen`` as its config mac."""
+        return not self.mac_determinate or bytes(seen) == self.current_mac
+
+    def with_mac_seen(self, seen: bytes) -> NetDeviceState:
+        """The state once the device reported ``seen`` as its mac: determinate again, at that address.
+
+        Only for an indeterminate mac (a determinate one is compared, never replaced): the model takes
+        what the spec left open from the device, like a resync of any other open outcome.
+        """
+        if self.mac_determinate:
+            raise NetModelError("the mac is determinate: compare it with the device's, do not adopt the device's")
+        return replace(self, mac=bytes(seen), mac_determinate=True)
 
     def after_reset(self) -> NetDeviceState:
         """The state after a device reset: control-queue settings gone, empty MAC table (§5.1.6.5.2)."""
@@ -367,6 +392,9 @@ class CtrlCommand:
     effect). ``effect`` returns the new state, or a string saying why the device answers ERR;
     ``refuses_values`` says whether it ever does (so the command has a ``bad_value`` rule).
     ``driver_section`` is where the driver is forbidden to send it without ``feature``.
+    ``breach`` (None for most commands) is what the command leaves open once the driver broke
+    one of its MUST rules (not negotiated, wrong length) and the spec gives the device no duty
+    beyond the SHOULD ERR: the model's state marks that part indeterminate (see :class:`Unbound`).
     """
 
     name: str
@@ -378,6 +406,7 @@ class CtrlCommand:
     section: Section
     driver_section: Section
     refuses_values: bool
+    breach: Unbound | None = None
 
     def cases(self) -> tuple[CtrlCase, ...]:
         """The cases this command can end in, so the rows of :data:`CTRL_RULES` it has."""
@@ -395,6 +424,22 @@ class CtrlCommand:
     def duty(self, case: CtrlCase) -> CtrlRule:
         """The driver rule broken in the error ``case`` (a row of :data:`CTRL_RULES`)."""
         return CTRL_RULES[self.name, case, True]
+
+
+@dataclass(frozen=True)
+class Unbound:
+    """What a command the driver malformed leaves open: ``what`` it may have changed, and ``loosen``,
+    the model's state with that part indeterminate.
+
+    MAC_ADDR_SET is the case: §5.1.6.5.2 binds the device only to update mac before it consumes a
+    (well-formed) MAC_ADDR_SET, and no clause keeps an ERR'd or malformed command from touching it;
+    the driver, which had to send exactly the 6-byte address with CTRL_MAC_ADDR negotiated, broke a
+    MUST. Linux's vdpa_sim_net copies the data straight into its config mac (part of it when short,
+    the first 6 bytes when long) and does not look at the feature.
+    """
+
+    what: str
+    loosen: Callable[[NetDeviceState], NetDeviceState]
 
 
 class CtrlCase(enum.Enum):
@@ -455,7 +500,11 @@ def _mac_table_set(state: NetDeviceState, payload: bytes) -> NetDeviceState | st
 
 
 def _mac_addr_set(state: NetDeviceState, payload: bytes) -> NetDeviceState | str:
-    return replace(state, mac=bytes(payload))
+    return replace(state, mac=bytes(payload), mac_determinate=True)
+
+
+def _mac_unbound(state: NetDeviceState) -> NetDeviceState:
+    return replace(state, mac_determinate=False)
 
 
 def _vlan(add: bool) -> Effect:
@@ -479,9 +528,10 @@ def _vq_pairs_set(state: NetDeviceState, payload: bytes) -> NetDeviceState | str
 
 
 def _cmd(name: str, cls: int, cmd: int, feature: int, payload_len: int | None, effect: Effect,
-         section: Section, driver_section: Section | None = None, *, refuses_values: bool = True) -> CtrlCommand:
+         section: Section, driver_section: Section | None = None, *, refuses_values: bool = True,
+         breach: Unbound | None = None) -> CtrlCommand:
     return CtrlCommand(name, cls, cmd, feature, payload_len, effect, section, driver_section or section,
-                       refuses_values)
+                       refuses_values, breach)
 
 
 _RX, _MAC, _MQ = uapi.VIRTIO_NET_CTRL_RX, uapi.VIRTIO_NET_CTRL_MAC, uapi.VIRTIO_NET_CTRL_MQ
@@ -505,7 +555,8 @@ CTRL_COMMANDS: Final[Mapping[tuple[int, int], CtrlCommand]] = MappingProxyType({
          sections.NET_CTRL_MAC),
     # CTRL_MAC_ADDR is the feature "set MAC address through control channel" (§5.1.3).
     _cmd("MAC_ADDR_SET", _MAC, uapi.VIRTIO_NET_CTRL_MAC_ADDR_SET, uapi.VIRTIO_NET_F_CTRL_MAC_ADDR, MAC_LEN,
-         _mac_addr_set, sections.NET_CTRL_MAC, sections.NET_FEATURE_BITS, refuses_values=False),
+         _mac_addr_set, sections.NET_CTRL_MAC, sections.NET_FEATURE_BITS, refuses_values=False,
+         breach=Unbound("mac", _mac_unbound)),
     _cmd("VLAN_ADD", uapi.VIRTIO_NET_CTRL_VLAN, uapi.VIRTIO_NET_CTRL_VLAN_ADD, uapi.VIRTIO_NET_F_CTRL_VLAN, 2,
          _vlan(True), NET_CTRL_VLAN),
     _cmd("VLAN_DEL", uapi.VIRTIO_NET_CTRL_VLAN, uapi.VIRTIO_NET_CTRL_VLAN_DEL, uapi.VIRTIO_NET_F_CTRL_VLAN, 2,
@@ -535,8 +586,10 @@ def _ctrl_rules(row: CtrlCommand) -> tuple[CtrlRule, ...]:
                                   f"{row.name}, negotiated and well formed, is applied and acked OK"))
             continue
         duty, driver_citation, breach = errors[case]
+        effect = ("changes nothing" if row.breach is None else
+                  f"changes nothing but the {row.breach.what}, which the spec then leaves open")
         found.append(CtrlRule(row.name, case, False, Level.SHOULD, row.section,
-                              f"{row.name} {breach} is acked ERR and changes nothing"))
+                              f"{row.name} {breach} is acked ERR and {effect}"))
         found.append(CtrlRule(row.name, case, True, Level.MUST, driver_citation, duty))
     return tuple(found)
 
@@ -562,12 +615,18 @@ class CtrlDecision:
     level: Level
     citation: Citation
     driver_violations: tuple[Violation, ...] = ()
+    #: The driver broke a MUST of a command whose effect the spec then leaves open (:class:`Unbound`):
+    #: ``state`` marks that part indeterminate, so a device that acted on the command anyway (acked
+    #: OK, or changed it while acking ERR) is still in step with the model. Its ack is still held to
+    #: the SHOULD answer (``level``).
+    unbound: bool = False
 
 
 def decide_ctrl(state: NetDeviceState, features: int, cls: int, cmd: int, payload: bytes) -> CtrlDecision:
     """Judge one command ``class``/``cmd`` with its command-specific-data ``payload``.
 
-    ERR always leaves the state untouched: a refused command has no effect.
+    ERR leaves the state untouched (a refused command has no effect), except for what a command the
+    driver malformed leaves open (:attr:`CtrlCommand.breach`): that part becomes indeterminate.
     """
     if not _has(features, uapi.VIRTIO_NET_F_CTRL_VQ):
         raise NetModelError("no control virtqueue exists without VIRTIO_NET_F_CTRL_VQ (§5.1.2)")
@@ -584,7 +643,9 @@ def decide_ctrl(state: NetDeviceState, features: int, cls: int, cmd: int, payloa
     def err(case: CtrlCase, message: str) -> CtrlDecision:
         answer = command.answer(case)
         found = (command.duty(case).violation(message),)
-        return CtrlDecision(uapi.VIRTIO_NET_ERR, state, answer.rule, answer.level, answer.citation, found)
+        after = state if command.breach is None else command.breach.loosen(state)
+        return CtrlDecision(uapi.VIRTIO_NET_ERR, after, answer.rule, answer.level, answer.citation, found,
+                            unbound=command.breach is not None)
 
     if not _has(features, row.feature):
         return err(CtrlCase.NOT_NEGOTIATED, f"{row.name} sent without feature bit {row.feature}")

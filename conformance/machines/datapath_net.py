@@ -23,7 +23,11 @@ negotiated, wrong length, bad value) or unknown, taken in turn from a plan the m
 every ack is held against :func:`vdpacert.model.net.decide_ctrl`, applied in ring order; a changed
 MAC shows in config space. A MUST disagreement fails at once; a SHOULD one (an ERR the model expects
 for a command the driver should not have sent) is reported after the batch's MUST checks, before
-anything that depends on the device's state, which no longer follows the model's.
+anything that depends on the device's state, which no longer follows the model's. Where the model
+leaves a malformed command's effect open (``CtrlDecision.unbound``: a MAC_ADDR_SET of the wrong length
+or without CTRL_MAC_ADDR), a different ack is a SHOULD warning and the example goes on, and the config
+mac read after the batch is taken as the device's mac (a resync, counted in ``resyncs``); a well-formed
+MAC_ADDR_SET must still leave exactly its address there.
 
 Reaching every case, whatever Hypothesis draws: drawn feature sets cluster (its simplest draws come
 back often, and swarm testing turns rules off per example), so the machine keeps cursors instead of
@@ -170,6 +174,8 @@ class NetDatapathMachine(DatapathMachine):
         self.round_cursor = 0  # the next feature set of renegotiate_and_configure (drawn at bring-up)
         #: Answers taken under net_ctrl.ALSO_ACCEPTED, by rule: reported, never silent.
         self.tolerated: Counter[str] = Counter()
+        #: Where the model took the device's word for what the spec left open (why -> times), as Lockstep's.
+        self.resyncs: Counter[str] = Counter()
 
     # ----- features, queues, model ---------------------------------------------------------------------
 
@@ -490,20 +496,33 @@ class NetDatapathMachine(DatapathMachine):
                 self.model.state = decide_ctrl(state, self.features, request.cls, request.cmd,
                                                other.reading(request.payload)).state
                 continue
-            error = self.fail(decision.rule, f"{request}: ack {ack}, the model says {decision.ack} "
-                                             f"({decision.rule}, {decision.level.value})")
+            message = f"{request}: ack {ack}, the model says {decision.ack} ({decision.rule}, {decision.level.value})"
+            if decision.unbound and decision.level is not Level.MUST and ack in (N.VIRTIO_NET_OK, N.VIRTIO_NET_ERR):
+                # The model's state already covers whatever the device did with it: a warning, not a desync.
+                self.warn(decision.rule, message)
+                continue
+            error = self.fail(decision.rule, message)
             if decision.level is Level.MUST:
                 raise error
             deviation = deviation or error
         if deviation is not None:
             raise deviation
-        mac_now = self.client.client.get_config(N.VIRTIO_NET_CONFIG_MAC, 6)
-        self.count(CONFIG)
-        if mac_now != self.model.state.current_mac:
-            raise self.fail(CONFIG, f"config mac {mac_now.hex(':')} after {len(requests)} command(s), the model "
-                                    f"says {self.model.state.current_mac.hex(':')}")
+        self._check_mac(len(requests))
         for pair in range(before_pairs, min(self.model.active_pairs, self.pairs)):  # newly enabled pairs
             self._settle(pair)
+
+    def _check_mac(self, commands: int) -> None:
+        """The config mac after a batch: the model's, or (left open by a malformed MAC_ADDR_SET) adopted."""
+        mac_now = self.client.client.get_config(N.VIRTIO_NET_CONFIG_MAC, 6)
+        self.count(CONFIG)
+        state = self.model.state
+        if not state.mac_allows(mac_now):
+            raise self.fail(CONFIG, f"config mac {mac_now.hex(':')} after {commands} command(s), the model "
+                                    f"says {state.current_mac.hex(':')}")
+        if not state.mac_determinate:
+            if mac_now != state.current_mac:
+                self.resyncs["mac left open by a malformed MAC_ADDR_SET"] += 1
+            self.model.state = state.with_mac_seen(mac_now)
 
     def _would_strand(self, value: int) -> bool:
         """Would VQ_PAIRS_SET(value) disable a pair that still has traffic in flight?"""
@@ -539,6 +558,20 @@ class NetDatapathMachine(DatapathMachine):
             state = after[0]
         return kept
 
+    def _unbound_first(self, requests: Sequence[CtrlRequest]) -> list[list[CtrlRequest]]:
+        """``requests`` cut so that each command whose effect the model leaves open starts a batch.
+
+        The config mac is read once per batch: a malformed MAC_ADDR_SET after a well-formed one in the
+        same batch would leave the mac open before the well-formed one's address was ever compared.
+        """
+        batches: list[list[CtrlRequest]] = []
+        for request in requests:
+            unbound = decide_ctrl(self.model.state, self.features, request.cls, request.cmd, request.payload).unbound
+            if not batches or unbound:
+                batches.append([])
+            batches[-1].append(request)
+        return batches
+
     def _configure(self, data: st.DataObject, *, whole: bool = False) -> None:
         """Commands of :data:`~.net_ctrl.PLAN` from the machine's cursor on, made safe, then checked.
 
@@ -551,9 +584,8 @@ class NetDatapathMachine(DatapathMachine):
             room = self._room(self.ring(ctrl)) // 2
             drawn, self.ctrl_cursor = draw_batch(data, self.ctrl_cursor, self.features, self.max_pairs, room,
                                                  fill=whole)
-            requests = self._safe(drawn)[:room]
-            if requests:
-                self._control(requests)
+            for batch in self._unbound_first(self._safe(drawn)[:room]):
+                self._control(batch)
             if not whole or self.ctrl_cursor >= end or not drawn:
                 return
 

@@ -19,6 +19,10 @@ Two things the machine must know besides the model's answer:
   behind PROMISC (:func:`promisc_on`). Filtering is SHOULD-level and the model predicts none, so
   the suite cannot demand a drop either: it stays where every reading delivers.
 
+What the model leaves open is not listed here: a MAC_ADDR_SET the driver malformed (wrong length, or
+without CTRL_MAC_ADDR) is ``unbound`` in the model's decision, its state's mac indeterminate; the
+machine then takes the mac the device shows (see :mod:`.datapath_net`).
+
 The machine walks :data:`PLAN` with a cursor of its own (every command in each of its cases, then
 an unknown one), so every case comes round within a few control steps whatever Hypothesis draws.
 """

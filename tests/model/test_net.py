@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from dataclasses import replace
 
 import pytest
 from hypothesis import given, settings
@@ -159,10 +160,52 @@ def test_mac_addr_set() -> None:
     assert d.ack == OK and d.state.current_mac == new and d.level is Level.MUST
     assert d.state.render_config(f)[:6] == new  # config mac follows before the command is used
     assert d.state.after_reset().current_mac == b"\x02" * 6
-    for feats, payload in ((CTRL | bit(vn.VIRTIO_NET_F_CTRL_RX), new), (f, new[:5]), (f, new + b"\0")):
-        ack, after = apply_ctrl(state, feats, vn.VIRTIO_NET_CTRL_MAC, vn.VIRTIO_NET_CTRL_MAC_ADDR_SET,
-                                payload)
-        assert ack == ERR and after == state
+    assert d.state.mac_determinate and not d.unbound
+    assert d.state.mac_allows(new) and not d.state.mac_allows(new[::-1])  # exactly the address it carries
+
+
+@pytest.mark.parametrize(("features", "payload", "rule"), [
+    (CTRL | bit(vn.VIRTIO_NET_F_CTRL_RX), bytes.fromhex("52540012ab34"), "not_negotiated"),
+    (CTRL | bit(vn.VIRTIO_NET_F_CTRL_MAC_ADDR), bytes.fromhex("5254001234"), "payload_length"),
+    (CTRL | bit(vn.VIRTIO_NET_F_CTRL_MAC_ADDR), bytes.fromhex("52540012ab3499"), "payload_length"),
+    (CTRL | bit(vn.VIRTIO_NET_F_CTRL_MAC_ADDR), b"", "payload_length"),
+])
+def test_malformed_mac_addr_set_leaves_the_mac_open(features: int, payload: bytes, rule: str) -> None:
+    """The driver broke a MUST (§5.1.6.5.2, §5.1.3) and no device clause covers the mac then: ERR is
+    still the SHOULD answer, but any mac the device shows afterwards is accepted, and adopted."""
+    state = NetDeviceState(permanent_mac=bytes.fromhex("021122334455"))
+    d = decide_ctrl(state, features, vn.VIRTIO_NET_CTRL_MAC, vn.VIRTIO_NET_CTRL_MAC_ADDR_SET, payload)
+    assert d.ack == ERR and d.level is Level.SHOULD and d.unbound
+    assert d.rule == f"net.ctrl.MAC_ADDR_SET.{rule}"
+    assert [v.rule for v in d.driver_violations] == [f"net.ctrl.driver.MAC_ADDR_SET.{rule}"]
+    assert not d.state.mac_determinate and d.state.current_mac == state.current_mac
+    partial = payload[:6] + state.current_mac[len(payload[:6]):]  # what vdpa_sim_net leaves there
+    assert d.state.mac_allows(state.current_mac) and d.state.mac_allows(partial)
+    seen = d.state.with_mac_seen(partial)
+    assert seen.mac_determinate and seen.current_mac == partial and not seen.mac_allows(partial[::-1])
+    assert replace(d.state, mac_determinate=True) == state  # nothing else changed
+    with pytest.raises(NetModelError):
+        seen.with_mac_seen(state.current_mac)  # a determinate mac is compared, never adopted
+    assert d.state.after_reset().mac_determinate
+
+
+def test_well_formed_mac_addr_set_binds_the_mac_again() -> None:
+    f = CTRL | bit(vn.VIRTIO_NET_F_CTRL_MAC_ADDR)
+    new = bytes.fromhex("52540012ab34")
+    loose = decide_ctrl(NetDeviceState(), f, vn.VIRTIO_NET_CTRL_MAC, vn.VIRTIO_NET_CTRL_MAC_ADDR_SET, b"\1").state
+    d = decide_ctrl(loose, f, vn.VIRTIO_NET_CTRL_MAC, vn.VIRTIO_NET_CTRL_MAC_ADDR_SET, new)
+    assert d.ack == OK and d.state.mac_determinate and d.state.current_mac == new
+    other = decide_ctrl(loose, f | bit(vn.VIRTIO_NET_F_CTRL_RX), vn.VIRTIO_NET_CTRL_RX,
+                        vn.VIRTIO_NET_CTRL_RX_PROMISC, b"\1").state
+    assert not other.mac_determinate  # another command does not bind it
+
+
+def test_only_mac_addr_set_leaves_anything_open() -> None:
+    for row in CTRL_COMMANDS.values():
+        assert (row.breach is not None) == (row.name == "MAC_ADDR_SET")
+        for case in row.cases()[1:]:
+            summary = row.answer(case).summary
+            assert summary.endswith("changes nothing" if row.breach is None else "which the spec then leaves open")
 
 
 def test_mac_table_set() -> None:
@@ -226,7 +269,9 @@ def test_err_never_changes_state(cls: int, cmd: int, payload: bytes, features: i
     d = decide_ctrl(state, features, cls, cmd, payload)
     assert d.ack in (OK, ERR)
     if d.ack == ERR:
-        assert d.state == state and d.level is Level.SHOULD
+        assert d.level is Level.SHOULD
+        assert d.state == (replace(state, mac_determinate=False) if d.unbound else state)
+        assert d.unbound == ((cls, cmd) == (vn.VIRTIO_NET_CTRL_MAC, vn.VIRTIO_NET_CTRL_MAC_ADDR_SET))
     else:
         row = CTRL_COMMANDS[(cls, cmd)]
         assert features >> row.feature & 1 and d.level is Level.MUST and d.citation == row.section

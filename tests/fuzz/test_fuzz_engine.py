@@ -85,6 +85,10 @@ def test_a_bounded_run_replays_the_corpus_first_and_counts_every_execution(tmp_p
 
 
 def test_the_atheris_engine_reports_libfuzzers_execution_count(tmp_path: Path) -> None:
+    if engine.asan_preloaded():  # the sanitizer run (tox -e asan): atheris would be blind, so it is refused
+        with pytest.raises(ValueError, match="cannot follow coverage with gcc's libasan preloaded"):
+            engine.run(f"{__name__}:CLEAN", engine="atheris", runs=3000, seed=1, workdir=tmp_path)
+        return
     stats = engine.run(f"{__name__}:CLEAN", engine="atheris", runs=3000, seed=1, workdir=tmp_path)
     assert (stats.engine, stats.executions, stats.crashes) == ("atheris", 3000, [])
     log = (tmp_path / f"{__name__}_CLEAN" / "libfuzzer.log").read_text()
@@ -95,6 +99,10 @@ def test_the_atheris_engine_reports_libfuzzers_execution_count(tmp_path: Path) -
 
 def test_the_atheris_engine_follows_coverage_to_the_planted_bug_and_classifies_it(tmp_path: Path) -> None:
     """Four byte comparisons in a row: blind mutation needs ~2^32 tries, coverage feedback a few thousand."""
+    if engine.asan_preloaded():  # the sanitizer run (tox -e asan): atheris would be blind, so it is refused
+        with pytest.raises(ValueError, match="use the mutate engine under the sanitizer build"):
+            engine.run(f"{__name__}:STAIRS", engine="atheris", runs=200_000, seed=1, workdir=tmp_path)
+        return
     stats = engine.run(f"{__name__}:STAIRS", engine="atheris", runs=200_000, seed=1, workdir=tmp_path)
     [crash] = stats.crashes
     assert crash.kind == "invariant" and crash.message.startswith("toy.no_deadbeef: ")
@@ -117,6 +125,8 @@ def test_names_engines_and_corpus_folders() -> None:
 def test_auto_avoids_atheris_under_a_preloaded_libasan(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LD_PRELOAD", "/usr/lib/gcc/x86_64-linux-gnu/12/libasan.so")
     assert engine.resolve_engine("auto") == "mutate"
+    with pytest.raises(ValueError, match="cannot follow coverage"):
+        engine.resolve_engine("atheris")
     monkeypatch.delenv("LD_PRELOAD")
     assert engine.resolve_engine("auto") == "atheris"  # installed in the test environment
 

@@ -191,13 +191,25 @@ def reproduce(name: str, data: bytes) -> Crash | None:
     return None
 
 
+def asan_preloaded() -> bool:
+    """True under the sanitizer build's runtime (gcc's libasan in LD_PRELOAD), where atheris sees no coverage."""
+    return "libasan" in os.environ.get("LD_PRELOAD", "")
+
+
 def resolve_engine(engine: str) -> str:
-    """``auto`` -> atheris when it imports and libasan is not preloaded (its coverage would be lost), else mutate."""
+    """``auto`` -> atheris when it imports and libasan is not preloaded (its coverage would be lost), else mutate.
+
+    Asking for atheris under a preloaded libasan is refused (ValueError): libasan takes the coverage hooks, so
+    the run would be a blind one presented as coverage-guided.
+    """
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}: one of {', '.join(ENGINES)}")
+    if engine == "atheris" and asan_preloaded():
+        raise ValueError("the atheris engine cannot follow coverage with gcc's libasan preloaded (it takes the "
+                         "coverage hooks): use the mutate engine under the sanitizer build")
     if engine != "auto":
         return engine
-    if "libasan" in os.environ.get("LD_PRELOAD", ""):
+    if asan_preloaded():
         return "mutate"
     return "atheris" if importlib.util.find_spec("atheris") is not None else "mutate"
 

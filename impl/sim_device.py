@@ -321,6 +321,8 @@ class SimDevice(VdpaParent):
         self._suspended = False
         self._group_asid = [0] * self.ngroups
         self._vq_cfg = [VqConfig() for _ in range(self.nvqs)]
+        #: Per queue, the position last set in the ring layout not negotiated now (see set_driver_features).
+        self._other_layout_state: list[VqState | None] = [None] * self.nvqs
         for vq in self._vqs:
             vq.reset()
         if clean_map:
@@ -517,11 +519,19 @@ class SimDevice(VdpaParent):
         vq = self._vqs[index]
         if not vq.ready:
             vq.set_features(self._features)  # the ring layout the state is read in
+        self._put_state(vq, state)
+        self._vq_cfg[index].restored = True
+
+    def _initial_state(self) -> VqState:
+        """Where a queue starts after reset: index 0; packed, both wrap counters 1 (§2.8.1)."""
+        return VqStatePacked(0, 1, 0, 1) if self._packed() else VqStateSplit(0)
+
+    @staticmethod
+    def _put_state(vq: VirtQueue, state: VqState) -> None:
         if isinstance(state, VqStatePacked):
             vq.set_state(state.last_avail_idx, state.last_avail_counter, state.last_used_idx, state.last_used_counter)
         else:
             vq.set_state(state.avail_index)
-        self._vq_cfg[index].restored = True
 
     def get_vq_state(self, index: int) -> VqState:
         return self._state_of(self._vqs[index])
@@ -556,9 +566,18 @@ class SimDevice(VdpaParent):
         if self._status & VIRTIO_CONFIG_S_FEATURES_OK:
             raise OSError(errno.EBUSY, "features are final once FEATURES_OK is set; reset first")
         # Stored as given: FEATURES_OK is where an invalid set is refused, as the spec has it.
+        was_packed = self._packed()
         self._features = features
-        for vq in self._vqs:
+        for index, vq in enumerate(self._vqs):
+            if was_packed == self._packed():
+                vq.set_features(features)
+                continue
+            # vdpa_vq_state is a union: a position set in one ring layout means nothing in the other (a
+            # 16-bit split index is no 15-bit packed slot), so each layout keeps its own, the one of the
+            # layout left is put aside and the other's (or its initial position) comes back.
+            left, self._other_layout_state[index] = self._other_layout_state[index], self._state_of(vq)
             vq.set_features(features)
+            self._put_state(vq, left if left is not None else self._initial_state())
 
     def get_driver_features(self) -> int:
         return self._features

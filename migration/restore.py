@@ -186,6 +186,18 @@ class _Restore:
             _step(f"VHOST_VDPA_SET_VRING_ENABLE {index}", functools.partial(ops.set_vring_enable, index, True))
         if state.backend_features >> T.VHOST_BACKEND_F_RESUME & 1:
             _step("VHOST_VDPA_RESUME", ops.resume)
+        self._check_running()
+
+    def _check_running(self) -> None:
+        """The restored device runs: a device that found the state unusable (a saved ring it cannot walk, an
+        index its ring contradicts) says so with DEVICE_NEEDS_RESET (§2.1.2), and a restore is not done then."""
+        try:
+            got = self.ops.get_status()
+        except OSError as error:
+            raise RestoreError("VHOST_VDPA_GET_STATUS", error.errno, error.strerror or str(error)) from error
+        if got != DRIVER_OK:
+            raise RestoreError("VHOST_VDPA_GET_STATUS", None, f"status reads {got:#x} once restored, not "
+                                                             f"{DRIVER_OK:#x}: the device cannot run this state")
 
     def _set_status(self, status: int) -> None:
         step = f"VHOST_VDPA_SET_STATUS {status:#x}"

@@ -377,12 +377,15 @@ def _indirect_table(desc: RawDesc, ctx: WalkContext, where: str) -> DescTable | 
     if desc.len % VRING_DESC_SIZE:
         return ChainFault(BadInput.INDIRECT_LEN_NOT_MULTIPLE_OF_16,
                           f"{where} refers to an indirect table of {desc.len} bytes")
+    entries = desc.len // VRING_DESC_SIZE
+    if ctx.layout is Layout.SPLIT:
+        # A split chain is the entries its NEXT links reach (§2.7.5.3): each is translated as it is read,
+        # so a table whose unreached tail is unmapped holds a valid chain (Linux's vringh reads so too).
+        return SplitTable(ctx.memory, ctx.translator, desc.addr, entries, indirect=True)
+    # A packed indirect table is used whole, in order (§2.8.19): all of it must be readable.
     mapped = ctx.translator.translate(desc.addr, desc.len, False)
     if isinstance(mapped, AccessFault):
         return access_fault(mapped, f"{where} indirect table")
-    entries = desc.len // VRING_DESC_SIZE
-    if ctx.layout is Layout.SPLIT:
-        return SplitTable(ctx.memory, ctx.translator, desc.addr, entries, indirect=True)
     return PackedIndirectTable(ctx.memory, ctx.translator, desc.addr, entries)
 
 

@@ -31,7 +31,10 @@ def on_path(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 @pytest.mark.parametrize("target", ["sim-net", "sim-blk"])
 def test_a_short_soak_passes_with_every_operation_exercised(target: str) -> None:
-    result = Soak(SoakConfig(target, 0.03, seed=5, sample_s=0.2)).run()
+    # The leak bound is test_a_leaking_target_is_flagged's business: a 2-second run's RSS says little, and
+    # under ASan (tox -e asan) the quarantine alone grows it by tens of MiB, so a high bound keeps this
+    # test's verdict about the datapath and the operation mix.
+    result = Soak(SoakConfig(target, 0.03, seed=5, sample_s=0.2, leak_mib=1024)).run()
     assert result.passed, result.summary()
     assert all(result.ops[op] > 0 for op in OPERATIONS), result.ops
     assert result.migrations == result.ops["migrate"] > 0

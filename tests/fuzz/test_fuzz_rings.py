@@ -2,7 +2,8 @@
 
 The negative controls are seeded-bug parents built like ``conformance/mutants``: sim-net writing one
 byte past the used length of an RX buffer, sim-blk reporting a used length above the writable
-bytes, sim-blk crashing in its request loop, and sim-blk wedged for good once a queue broke.
+bytes, sim-blk flagging packed used descriptors with a wrap counter it never flips, sim-blk
+crashing in its request loop, and sim-blk wedged for good once a queue broke.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from vdpacert.conformance.mutants.guest import BadChain, DmaFault, SplitView
-from vdpacert.conformance.mutants.rings import UsedLenCountsReadable
+from vdpacert.conformance.mutants.rings import PackedWrapCounterNotFlipped, UsedLenCountsReadable
 from vdpacert.fuzz import rings
 from vdpacert.fuzz.base import Fuzzer, InvariantBroken
 from vdpacert.fuzz.rings_decode import decode
@@ -170,6 +171,14 @@ def test_a_used_length_above_the_writable_bytes_is_used_entry() -> None:
     made = rings.make_fuzzer(only("sim-blk", UsedLenCountsReadable), stats=Counter())
     broken = run_until_broken(made, "rings.used_entry", blk_inputs())
     assert "writable bytes" in broken.detail
+
+
+def test_a_packed_used_wrap_counter_never_flipped_is_used_entry() -> None:
+    # The checker follows every reading of a list to the device's used position; a used descriptor
+    # flagged with the wrong lap still has no reading that explains it.
+    made = rings.make_fuzzer(only("sim-blk", PackedWrapCounterNotFlipped), stats=Counter())
+    broken = run_until_broken(made, "rings.used_entry", blk_inputs())
+    assert "without a used descriptor there" in broken.detail or "is not reached" in broken.detail, broken
 
 
 def test_an_untyped_exception_from_the_kick_path_is_error_typed() -> None:

@@ -282,9 +282,10 @@ def _available_packed(q: QueuePlan, features: int, view: _View) -> tuple[list[Ch
     return out, False
 
 
-def _used_list(q: QueuePlan, features: int, views: tuple[_View, ...], after: bytes, done: int, allowed: Allowed,
-               status_tail: bool) -> tuple[int, int]:
-    """Check the used descriptor ``done`` slots past the start; the slots past the start after its list."""
+def _used_list(q: QueuePlan, features: int, views: tuple[_View, ...], after: bytes, done: int,
+               status_tail: bool) -> list[tuple[int, list[Span]]]:
+    """The readings of the used descriptor ``done`` slots past the start: for each distinct size of the
+    list it answers, that size and what the device could have written for it."""
     slot = (q.start + done) % q.num
     at = GUARD + q.desc + 16 * slot
     lap = q.wrap ^ ((q.start + done) // q.num & 1)
@@ -300,12 +301,52 @@ def _used_list(q: QueuePlan, features: int, views: tuple[_View, ...], after: byt
         reason = next((str(w) for w in walks if isinstance(w, ChainFault)), "")
         raise InvariantBroken("rings.used_entry", f"queue {q.index}: used descriptor at slot {slot} names "
                               f"Buffer ID {buffer_id}, not a list made available there {reason}")
-    _admit(q, match, buffer_id, length, allowed, status_tail)
-    size = max(c.descriptors for c in match)
-    for k in range(size):
-        s = (slot + k) % q.num
-        allowed.spans.append((q.desc + 16 * s, q.desc + 16 * s + 16))
-    return done + size, size
+    readings: list[tuple[int, list[Span]]] = []
+    for size in sorted({c.descriptors for c in match}):
+        allowed = Allowed([])
+        _admit(q, [c for c in match if c.descriptors == size], buffer_id, length, allowed, status_tail)
+        allowed.spans += [(q.desc + 16 * s, q.desc + 16 * s + 16) for s in ((slot + k) % q.num for k in range(size))]
+        readings.append((size, allowed.spans))
+    return readings
+
+
+def _follow_used(q: QueuePlan, features: int, views: tuple[_View, ...], after: bytes, done: int,
+                 target: tuple[int, int], status_tail: bool) -> tuple[int, int, list[Span]]:
+    """Walk the used descriptors from ``done`` slots past the start to the device's used position
+    ``target`` (slot, wrap): the slots walked, the lists counted and the spans the device may have written.
+
+    A list whose head announces more descriptors than the driver made available has several readings
+    (its later slots as the driver wrote them, or as the device itself rewrote them in an earlier lap),
+    each of its own size; the one the device took is the one whose used descriptors lead to where the
+    device says it is, so every reading is followed (depth first, each position once).
+    """
+    def position(slots: int) -> tuple[int, int]:
+        return (q.start + slots) % q.num, q.wrap ^ ((q.start + slots) // q.num & 1)
+
+    bound = done + q.num + MAX_LIST
+    stack: list[tuple[int, int, list[Span]]] = [(done, 0, [])]
+    seen: set[int] = set()
+    first_error: InvariantBroken | None = None
+    while stack:
+        at, lists, spans = stack.pop()
+        if position(at) == target:
+            return at, lists, spans
+        if at in seen:
+            continue
+        seen.add(at)
+        if at > bound:
+            first_error = first_error or InvariantBroken(
+                "rings.used_entry", f"queue {q.index}: used position {target} is not reached from "
+                f"{q.start}/{q.wrap} through the used descriptors")
+            continue
+        try:
+            readings = _used_list(q, features, views, after, at, status_tail)
+        except InvariantBroken as error:
+            first_error = first_error or error
+            continue
+        stack += [(at + size, lists + 1, spans + more) for size, more in reversed(readings)]
+    assert first_error is not None  # the start position is always explored
+    raise first_error
 
 
 def _check_packed(q: QueuePlan, features: int, views: tuple[_View, ...], driver: bytes, afters: Sequence[bytes],
@@ -317,14 +358,10 @@ def _check_packed(q: QueuePlan, features: int, views: tuple[_View, ...], driver:
     # a list as its head announces it may go round the ring more than once.
     done = used = 0
     for after, position in zip(afters, used_positions, strict=True):
-        target = (position & 0x7FFF, position >> 15 & 1)
-        bound = done + q.num + MAX_LIST
-        while ((q.start + done) % q.num, q.wrap ^ ((q.start + done) // q.num & 1)) != target:
-            if done > bound:
-                raise InvariantBroken("rings.used_entry", f"queue {q.index}: used position {target} is not "
-                                      f"reached from {q.start}/{q.wrap} through the used descriptors")
-            done, _ = _used_list(q, features, views, after, done, allowed, status_tail)
-            used += 1
+        done, lists, spans = _follow_used(q, features, views, after, done, (position & 0x7FFF, position >> 15 & 1),
+                                          status_tail)
+        used += lists
+        allowed.spans += spans
     return QueueResult(used, chains, bad)
 
 

@@ -154,7 +154,7 @@ class RingFuzzer:
             result = check_queue(q, ring.features, seen[q.index], afters, allowed, status_tail=q.kind == "blk",
                                  used_positions=positions.get(q.index, ()))
             self.coverage["used_entries"] += result.used
-            self.coverage["avail_ring_overwritten"] += result.clobbered
+            self.coverage["own_rings_overwritten"] += result.clobbered
             if needs_reset:
                 # A queue that broke may leave chains it had taken and written (answered, not yet
                 # published) unused: their writable buffers were the device's to write all the same.

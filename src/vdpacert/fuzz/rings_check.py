@@ -11,6 +11,10 @@ bytes of its writable buffers (and, for virtio-blk, the status byte, which is th
 byte and may lie beyond ``len``: §5.2.6, §2.7.8.2 "MAY write more than len"); the split used
 ring (flags, idx, ring, avail_event); the packed descriptor slots of the chains it used and the
 device event suppression area. Nothing else, and never a guard page.
+
+A driver that hands the device a writable buffer over the queue's own rings (its available ring,
+used ring or descriptor table) lets the device rewrite what records its work: such a queue's
+entries are attributed but not judged, and only the guard pages stay checked.
 """
 
 from __future__ import annotations
@@ -171,7 +175,7 @@ class QueueResult:
     used: int
     taken: list[Chain]  # valid chains ahead of the first bad one (or of the end): the device may take them
     bad_reached: bool  # a bad chain (or a bad avail idx) follows those
-    clobbered: bool = False  # the device rewrote the available ring through a buffer: entries not judged
+    clobbered: bool = False  # the device rewrote its own rings through a buffer: entries not judged
 
     @property
     def available(self) -> int:
@@ -189,8 +193,45 @@ def check_queue(q: QueuePlan, features: int, stages: Sequence[tuple[int, bytes]]
     ``used_positions``: packed, the device's used position (GET_VRING_BASE's high half) after each.
     """
     views = _distinct([view for _, view in stages] + list(afters))
+    try:
+        if q.packed:
+            return _check_packed(q, features, views, stages[-1][1], afters, allowed, status_tail, used_positions)
+        return _check_split(q, features, stages, views, afters, allowed, status_tail)
+    except InvariantBroken as broken:
+        # A chain whose device-writable buffer lies over this queue's own rings lets the device overwrite
+        # the used entries (or descriptors, or the available ring) it reads and writes: the ring no longer
+        # records what the device did. Such a driver gave the device write access to its rings; only the
+        # guard pages stay checked, as for a clobbered available ring.
+        if broken.invariant != "rings.used_entry" or not _writable_over_own_rings(q, features, views):
+            raise
+        allowed.spans.append((0, REGION))
+        return QueueResult(0, [], True, clobbered=True)
+
+
+def _ring_areas(q: QueuePlan) -> list[Span]:
     if q.packed:
-        return _check_packed(q, features, views, stages[-1][1], afters, allowed, status_tail, used_positions)
+        return [(q.desc, q.desc + 16 * q.num), (q.driver, q.driver + 4), (q.device, q.device + 4)]
+    return [(q.desc, q.desc + 16 * q.num), (q.driver, q.driver + 6 + 2 * q.num), (q.device, q.device + 6 + 8 * q.num)]
+
+
+def _writable_over_own_rings(q: QueuePlan, features: int, views: Sequence[_View]) -> bool:
+    """Whether any chain, from any slot of the table in any view, has a writable buffer over the queue's rings."""
+    areas = _ring_areas(q)
+    for head in range(q.num):
+        for chain in _walks(q, features, views, head):
+            if not isinstance(chain, Chain):
+                continue
+            for seg in chain.writable:
+                if seg.target is None or not seg.len:
+                    continue
+                start = seg.target - IOVA_BASE
+                if any(start < end and begin < start + seg.len for begin, end in areas):
+                    return True
+    return False
+
+
+def _check_split(q: QueuePlan, features: int, stages: Sequence[tuple[int, bytes]], views: tuple[_View, ...],
+                 afters: Sequence[bytes], allowed: Allowed, status_tail: bool) -> QueueResult:
     allowed.spans.append((q.device, q.device + 6 + 8 * q.num))
     # Each stage was kicked: the device saw every idx published, and each avail entry as it was when
     # its idx was published (a later stage of a small ring may reuse the slot). An idx at most a ring

@@ -164,6 +164,11 @@ def _wrap_for(q: QueuePlan, slot: int) -> int:
     return q.wrap if slot >= q.start else 1 - q.wrap
 
 
+def _packed_position(q: QueuePlan, slots: int) -> tuple[int, int]:
+    """The ring slot and wrap counter ``slots`` slots past the queue's start."""
+    return (q.start + slots) % q.num, q.wrap ^ ((q.start + slots) // q.num & 1)
+
+
 def _u16(data: bytes | bytearray, offset: int) -> int:
     return int.from_bytes(data[GUARD + offset:GUARD + offset + 2], "little")
 
@@ -204,8 +209,13 @@ def check_queue(q: QueuePlan, features: int, stages: Sequence[tuple[int, bytes]]
         # guard pages stay checked, as for a clobbered available ring.
         if broken.invariant != "rings.used_entry" or not _writable_over_own_rings(q, features, views):
             raise
-        allowed.spans.append((0, REGION))
-        return QueueResult(0, [], True, clobbered=True)
+        return _not_judged(allowed)
+
+
+def _not_judged(allowed: Allowed) -> QueueResult:
+    """A queue whose rings the device could rewrite through its buffers: anything in the region is allowed."""
+    allowed.spans.append((0, REGION))
+    return QueueResult(0, [], True, clobbered=True)
 
 
 def _ring_areas(q: QueuePlan) -> list[Span]:
@@ -254,8 +264,7 @@ def _check_split(q: QueuePlan, features: int, stages: Sequence[tuple[int, bytes]
         # The device then walks heads (and descriptors, indirect tables) its own writes made, in states no
         # snapshot holds: any chain it found was the driver's gift of write access to its own rings. Only
         # the guard pages around the region stay checked for such an input.
-        allowed.spans.append((0, REGION))
-        return QueueResult(0, [], True, clobbered=True)
+        return _not_judged(allowed)
     elems: list[tuple[int, int]] = []
     for view in afters:
         now = (_u16(view, q.device + 2) - q.start) & 0xFFFF
@@ -310,8 +319,7 @@ def _available_packed(q: QueuePlan, features: int, view: _View) -> tuple[list[Ch
     out: list[Chain] = []
     slots = 0
     while slots < q.num:
-        slot = (q.start + slots) % q.num
-        wrap = q.wrap ^ ((q.start + slots) // q.num & 1)
+        slot, wrap = _packed_position(q, slots)
         flags = int.from_bytes(view.read(IOVA_BASE + q.desc + 16 * slot + 14, 2), "little")
         if not is_available(flags, wrap):
             return out, False
@@ -327,9 +335,8 @@ def _used_list(q: QueuePlan, features: int, views: tuple[_View, ...], after: byt
                status_tail: bool) -> list[tuple[int, list[Span]]]:
     """The readings of the used descriptor ``done`` slots past the start: for each distinct size of the
     list it answers, that size and what the device could have written for it."""
-    slot = (q.start + done) % q.num
+    slot, lap = _packed_position(q, done)
     at = GUARD + q.desc + 16 * slot
-    lap = q.wrap ^ ((q.start + done) // q.num & 1)
     _, length, buffer_id, flags = _DESC.unpack(after[at:at + 16])
     if not is_used(flags, lap):
         raise InvariantBroken("rings.used_entry", f"queue {q.index}: the device moved past slot {slot} "
@@ -361,16 +368,13 @@ def _follow_used(q: QueuePlan, features: int, views: tuple[_View, ...], after: b
     each of its own size; the one the device took is the one whose used descriptors lead to where the
     device says it is, so every reading is followed (depth first, each position once).
     """
-    def position(slots: int) -> tuple[int, int]:
-        return (q.start + slots) % q.num, q.wrap ^ ((q.start + slots) // q.num & 1)
-
     bound = done + q.num + MAX_LIST
     stack: list[tuple[int, int, list[Span]]] = [(done, 0, [])]
     seen: set[int] = set()
     first_error: InvariantBroken | None = None
     while stack:
         at, lists, spans = stack.pop()
-        if position(at) == target:
+        if _packed_position(q, at) == target:
             return at, lists, spans
         if at in seen:
             continue

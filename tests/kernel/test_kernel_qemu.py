@@ -25,7 +25,7 @@ def test_tcg_command_line() -> None:
     line = command_line(config())
     joined = " ".join(line)
     assert line[0] == "/usr/bin/qemu-system-x86_64"
-    assert "-accel tcg,thread=multi" in joined and "-nographic" in line and "-no-reboot" in line
+    assert "-accel tcg,thread=single" in joined and "-nographic" in line and "-no-reboot" in line
     assert "-m 1024 -smp 2" in joined and "-kernel /c/vmlinuz -initrd /c/initrd" in joined
     append = line[line.index("-append") + 1]
     assert "console=hvc0" in append and "quiet" in append and "panic=-1" in append

@@ -218,10 +218,15 @@ def _not_judged(allowed: Allowed) -> QueueResult:
     return QueueResult(0, [], True, clobbered=True)
 
 
+def _device_area(q: QueuePlan) -> Span:
+    """The device area, the device's to write: the split used ring, or the packed device event suppression."""
+    return (q.device, q.device + (4 if q.packed else 6 + 8 * q.num))
+
+
 def _ring_areas(q: QueuePlan) -> list[Span]:
-    if q.packed:
-        return [(q.desc, q.desc + 16 * q.num), (q.driver, q.driver + 4), (q.device, q.device + 4)]
-    return [(q.desc, q.desc + 16 * q.num), (q.driver, q.driver + 6 + 2 * q.num), (q.device, q.device + 6 + 8 * q.num)]
+    """The queue's rings: its descriptor table, driver area and device area."""
+    driver_end = q.driver + (4 if q.packed else 6 + 2 * q.num)
+    return [(q.desc, q.desc + 16 * q.num), (q.driver, driver_end), _device_area(q)]
 
 
 def _writable_over_own_rings(q: QueuePlan, features: int, views: Sequence[_View]) -> bool:
@@ -242,7 +247,7 @@ def _writable_over_own_rings(q: QueuePlan, features: int, views: Sequence[_View]
 
 def _check_split(q: QueuePlan, features: int, stages: Sequence[tuple[int, bytes]], views: tuple[_View, ...],
                  afters: Sequence[bytes], allowed: Allowed, status_tail: bool) -> QueueResult:
-    allowed.spans.append((q.device, q.device + 6 + 8 * q.num))
+    allowed.spans.append(_device_area(q))
     # Each stage was kicked: the device saw every idx published, and each avail entry as it was when
     # its idx was published (a later stage of a small ring may reuse the slot). An idx at most a ring
     # ahead of what was published before may be valid (the device may have consumed all of that).
@@ -396,7 +401,7 @@ def _follow_used(q: QueuePlan, features: int, views: tuple[_View, ...], after: b
 
 def _check_packed(q: QueuePlan, features: int, views: tuple[_View, ...], driver: bytes, afters: Sequence[bytes],
                   allowed: Allowed, status_tail: bool, used_positions: Sequence[int]) -> QueueResult:
-    allowed.spans.append((q.device, q.device + 4))
+    allowed.spans.append(_device_area(q))
     chains, bad = _available_packed(q, features, _View(driver))
     # Follow the used descriptors from the start to where the device says it is after each kick, reading
     # each as the driver would right after that kick (a later lap may overwrite it). A device that reads
